@@ -1,0 +1,723 @@
+//! The engine shared by `SessionLock` and `TxLock`: the SQL they send, how they wait, and
+//! how every failure path leaves the connection clean.
+//!
+//! Invariant: while no guard is out (`held == false`), the connection holds no advisory
+//! lock taken by this engine and no transaction opened by it. Every path that cannot
+//! confirm that ends the database session instead, so the server frees everything and
+//! r2d2 discards the connection.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use postgres::{CancelToken, Client, SimpleQueryMessage, SimpleQueryRow};
+
+use crate::cancel::{CancelHandle, CancelState, WaitEnd};
+use crate::error::{describe, Failure, LostReason};
+use crate::options::{timeout_ms, LockOptions};
+use crate::{Error, LockKey, LockMode, Result, WaitMode};
+
+/// Session-level or transaction-level advisory locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Session,
+    Transaction,
+}
+
+/// How long an acquisition may wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Limit {
+    /// One non-blocking try.
+    Try,
+    /// Wait at most this long (never zero: zero is `Try`).
+    For(Duration),
+    /// Wait until the lock is free.
+    Forever,
+}
+
+/// The result of an acquisition that did not fail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// Locked. For a transaction lock, `stamp` identifies the transaction.
+    Locked { stamp: i64 },
+    /// Still held elsewhere when the limit passed, after waiting this long.
+    Busy { waited: Duration },
+}
+
+/// The transaction's start time in microseconds: it identifies the lock's transaction,
+/// so a commit can tell whether the critical section ended it and began another.
+const TX_STAMP: &str = "(pg_catalog.date_part('epoch', pg_catalog.now()) * 1000000)::int8";
+
+const TERMINATE: &str = "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
+
+/// The statements of one lock, built once.
+#[derive(Debug)]
+struct Sql {
+    try_lock: String,
+    /// The wait statement is `wait_head`, the `lock_timeout` in ms (0: no bound), `wait_tail`.
+    wait_head: &'static str,
+    wait_tail: String,
+    /// The wait statement for the configured `lock_timeout`, or for no bound.
+    wait_default: String,
+    /// Session locks: unlock, and tell whether a transaction is open.
+    unlock: String,
+    /// Session locks: release the lock if a failed wait took it after all.
+    release_taken: String,
+    is_held: String,
+}
+
+impl Sql {
+    fn new(scope: Scope, mode: LockMode, key: &LockKey, default_ms: u32) -> Sql {
+        let args = key.sql_args();
+        let m = mode.fn_suffix();
+        let held = format!(
+            "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_catalog.pg_backend_pid() AND classid = {} AND objid = {} \
+             AND objsubid = {} AND mode = '{}' AND granted",
+            key.classid(),
+            key.objid(),
+            key.objsubid(),
+            mode.pg_locks_mode()
+        );
+        // statement_timeout is lifted for the wait and the unlock, so that a short role- or
+        // session-level setting cannot cancel them. SET LOCAL keeps both changes inside the
+        // batch's own implicit transaction; a transaction lock's batch opens a transaction
+        // that outlives it, so it puts both settings back to their defaults itself.
+        let (try_lock, wait_head, wait_tail) = match scope {
+            Scope::Session => (
+                format!("SELECT pg_catalog.pg_try_advisory_lock{m}({args})"),
+                "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = ",
+                format!("; SELECT pg_catalog.pg_advisory_lock{m}({args})"),
+            ),
+            Scope::Transaction => (
+                format!(
+                    "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock{m}({args}), {TX_STAMP}"
+                ),
+                "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = ",
+                format!(
+                    "; SELECT pg_catalog.pg_advisory_xact_lock{m}({args}), {TX_STAMP}; \
+                     SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
+                ),
+            ),
+        };
+        let mut sql = Sql {
+            try_lock,
+            wait_head,
+            wait_tail,
+            wait_default: String::new(),
+            unlock: format!(
+                "SET LOCAL statement_timeout = 0; \
+                 SELECT pg_catalog.pg_advisory_unlock{m}({args}), \
+                 pg_catalog.now() < pg_catalog.statement_timestamp()"
+            ),
+            release_taken: format!(
+                "SET LOCAL statement_timeout = 0; \
+                 SELECT pg_catalog.pg_advisory_unlock{m}({args}) {held}"
+            ),
+            is_held: format!("SELECT EXISTS (SELECT {held})"),
+        };
+        sql.wait_default = sql.wait(default_ms);
+        sql
+    }
+
+    /// The wait statement with `lock_timeout` set to `ms` (0: no bound).
+    fn wait(&self, ms: u32) -> String {
+        format!("{}{ms}{}", self.wait_head, self.wait_tail)
+    }
+}
+
+/// The state of one lock, apart from its connection.
+#[derive(Debug)]
+pub(crate) struct Core {
+    key: LockKey,
+    mode: LockMode,
+    scope: Scope,
+    lock_timeout: Option<Duration>,
+    default_ms: u32,
+    wait_mode: WaitMode,
+    cancel: Arc<CancelState>,
+    sql: Sql,
+    /// A guard is out: the session lock is held, or the lock's transaction is open.
+    held: bool,
+}
+
+impl Core {
+    pub(crate) fn new(
+        scope: Scope,
+        key: LockKey,
+        options: LockOptions,
+        token: CancelToken,
+    ) -> Result<Core> {
+        options.validate(&key)?;
+        let default_ms = match options.lock_timeout {
+            Some(t) => timeout_ms(&key, "lock_timeout", t)?,
+            None => 0,
+        };
+        Ok(Core {
+            sql: Sql::new(scope, options.mode, &key, default_ms),
+            cancel: CancelState::new(key.clone(), token),
+            key,
+            mode: options.mode,
+            scope,
+            lock_timeout: options.lock_timeout,
+            default_ms,
+            wait_mode: options.wait_mode,
+            held: false,
+        })
+    }
+
+    pub(crate) fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    pub(crate) fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    pub(crate) fn lock_timeout(&self) -> Option<Duration> {
+        self.lock_timeout
+    }
+
+    pub(crate) fn wait_mode(&self) -> WaitMode {
+        self.wait_mode
+    }
+
+    pub(crate) fn is_held_flag(&self) -> bool {
+        self.held
+    }
+
+    pub(crate) fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.handle()
+    }
+
+    /// The limit of a blocking `lock()`: the configured `lock_timeout`.
+    pub(crate) fn default_limit(&self) -> Limit {
+        match self.lock_timeout {
+            None => Limit::Forever,
+            Some(d) if d.is_zero() => Limit::Try,
+            Some(d) => Limit::For(d),
+        }
+    }
+
+    /// The limit of `try_lock_for(timeout)`, checked against PostgreSQL's range.
+    pub(crate) fn limit_for(&self, timeout: Duration) -> Result<Limit> {
+        timeout_ms(&self.key, "timeout", timeout)?;
+        Ok(if timeout.is_zero() {
+            Limit::Try
+        } else {
+            Limit::For(timeout)
+        })
+    }
+
+    /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
+    /// other return the connection holds nothing new.
+    pub(crate) fn acquire(&mut self, client: &mut Client, limit: Limit) -> Result<Outcome> {
+        debug_assert!(!self.held, "acquire while a guard is out");
+        self.cancel.check()?;
+        let start = Instant::now();
+        let outcome = match (limit, self.wait_mode) {
+            (Limit::Try, _) => self.try_once(client)?,
+            (_, WaitMode::Server) => self.wait_on_server(client, limit, start)?,
+            (
+                _,
+                WaitMode::Poll {
+                    min_interval,
+                    max_interval,
+                },
+            ) => self.poll(client, limit, start, min_interval, max_interval)?,
+        };
+        match outcome {
+            Outcome::Locked { .. } => {
+                self.held = true;
+                if self.cancel.check().is_err() {
+                    // Cancelled while the lock was being granted: hand out nothing.
+                    self.release_quietly(client);
+                    return Err(self.cancelled());
+                }
+                debug!(
+                    "locked {} ({:?}, {:?}) after {:?}",
+                    self.key,
+                    self.mode,
+                    self.scope,
+                    start.elapsed()
+                );
+            }
+            Outcome::Busy { waited } => {
+                debug!("lock {} is held elsewhere; waited {waited:?}", self.key);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn cancelled(&self) -> Error {
+        Error::Cancelled {
+            key: self.key.clone(),
+        }
+    }
+
+    /// One non-blocking try.
+    fn try_once(&mut self, client: &mut Client) -> Result<Outcome> {
+        let start = Instant::now();
+        let row = match query_row(client, &self.sql.try_lock) {
+            Ok(row) => row,
+            Err(e) => return Err(self.failed_acquire(client, e)),
+        };
+        if row.as_ref().and_then(|r| r.get(0)) == Some("t") {
+            return Ok(Outcome::Locked {
+                stamp: stamp_of(row.as_ref()),
+            });
+        }
+        if self.scope == Scope::Transaction {
+            // The try opened a transaction; end it before reporting "busy".
+            self.end_transaction(client, "after a failed try")?;
+        }
+        Ok(Outcome::Busy {
+            waited: start.elapsed(),
+        })
+    }
+
+    /// One statement that waits on the server, bounded by `lock_timeout`.
+    fn wait_on_server(
+        &mut self,
+        client: &mut Client,
+        limit: Limit,
+        start: Instant,
+    ) -> Result<Outcome> {
+        let sql = match limit {
+            Limit::For(d) => {
+                let ms = timeout_ms(&self.key, "timeout", d)?;
+                if ms == self.default_ms {
+                    Cow::Borrowed(self.sql.wait_default.as_str())
+                } else {
+                    Cow::Owned(self.sql.wait(ms))
+                }
+            }
+            _ if self.default_ms == 0 => Cow::Borrowed(self.sql.wait_default.as_str()),
+            _ => Cow::Owned(self.sql.wait(0)),
+        };
+        self.cancel.begin_server_wait()?;
+        let result = query_row(client, &sql);
+        let end = self.cancel.end_server_wait();
+        if end == WaitEnd::CancelRequestSent {
+            // The cancel request may land on a later statement, and the lock may have been
+            // granted as it arrived: trust nothing on this session any more.
+            self.end_session(client, "a cancel request was sent to it during the wait");
+            return Err(self.cancelled());
+        }
+        match result {
+            Ok(row) => Ok(Outcome::Locked {
+                stamp: stamp_of(row.as_ref()),
+            }),
+            Err(e) => {
+                let failure = failure_of(client, &e);
+                let error = self.failed_acquire(client, e);
+                if failure == Failure::LockTimeout && end == WaitEnd::Normal {
+                    return Ok(Outcome::Busy {
+                        waited: start.elapsed(),
+                    });
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Non-blocking tries with jittered exponential backoff, outside any transaction.
+    fn poll(
+        &mut self,
+        client: &mut Client,
+        limit: Limit,
+        start: Instant,
+        min_interval: Duration,
+        max_interval: Duration,
+    ) -> Result<Outcome> {
+        let mut backoff = Backoff::new(min_interval, max_interval);
+        loop {
+            if let Outcome::Locked { stamp } = self.try_once(client)? {
+                return Ok(Outcome::Locked { stamp });
+            }
+            let mut sleep = backoff.next_sleep();
+            if let Limit::For(bound) = limit {
+                let waited = start.elapsed();
+                if waited >= bound {
+                    return Ok(Outcome::Busy { waited });
+                }
+                sleep = sleep.min(bound - waited);
+            }
+            self.cancel.sleep(sleep)?;
+        }
+    }
+
+    /// Cleans up after an acquiring statement failed, and turns its error into ours.
+    ///
+    /// A wait can be granted just as `lock_timeout`, a cancel or another error ends it.
+    /// A transaction lock is undone by ending the transaction; a session lock is looked up
+    /// in `pg_locks` and released if it was taken.
+    fn failed_acquire(&mut self, client: &mut Client, e: postgres::Error) -> Error {
+        let failure = failure_of(client, &e);
+        if failure != Failure::Closed {
+            let cleaned = match self.scope {
+                Scope::Transaction => self.end_transaction(client, "after a failed lock"),
+                Scope::Session => self.release_taken(client),
+            };
+            if let Err(cleanup) = cleaned {
+                debug!("lock {}: cleanup after a failed lock: {cleanup}", self.key);
+            }
+        }
+        let key = self.key.clone();
+        match failure {
+            Failure::Canceled if self.cancel.check().is_err() => Error::Cancelled { key },
+            Failure::Deadlock => Error::Deadlock { key, source: e },
+            Failure::OutOfSharedMemory => Error::LockTableFull { key, source: e },
+            _ => Error::Database {
+                key,
+                operation: "lock",
+                source: e,
+            },
+        }
+    }
+
+    /// Releases the session lock if a failed wait took it after all.
+    fn release_taken(&mut self, client: &mut Client) -> Result<()> {
+        match run_retrying(client, &self.sql.release_taken) {
+            Ok(messages) => {
+                if messages
+                    .iter()
+                    .any(|m| matches!(m, SimpleQueryMessage::Row(_)))
+                {
+                    debug!(
+                        "lock {} was granted as its wait failed; released it",
+                        self.key
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("cannot release what a failed wait took: {}", describe(&e));
+                self.end_session(client, &why);
+                Err(self.database("lock cleanup", e))
+            }
+        }
+    }
+
+    /// Ends the current transaction with `ROLLBACK`; ends the session if that fails.
+    fn end_transaction(&mut self, client: &mut Client, when: &str) -> Result<()> {
+        match run_retrying(client, "ROLLBACK") {
+            Ok(_) => Ok(()),
+            Err(e) if failure_of(client, &e) == Failure::Closed => {
+                Err(self.lost(LostReason::SessionEnded, Some(e)))
+            }
+            Err(e) => {
+                self.end_session(client, &format!("ROLLBACK {when} failed: {}", describe(&e)));
+                Err(self.database("rollback", e))
+            }
+        }
+    }
+
+    /// Releases a lock that was taken but must not be handed out. Never fails: a release
+    /// that cannot be confirmed ends the session.
+    fn release_quietly(&mut self, client: &mut Client) {
+        let result = match self.scope {
+            Scope::Session => self.unlock_session(client),
+            Scope::Transaction => self.rollback(client),
+        };
+        if let Err(e) = result {
+            debug!("lock {}: release of an unwanted lock: {e}", self.key);
+        }
+    }
+
+    /// Unlocks a session lock. Rolls back a transaction the critical section left open.
+    pub(crate) fn unlock_session(&mut self, client: &mut Client) -> Result<()> {
+        debug_assert_eq!(self.scope, Scope::Session);
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        let mut retried = false;
+        loop {
+            let error = match query_row(client, &self.sql.unlock) {
+                Ok(row) => {
+                    let unlocked = row.as_ref().and_then(|r| r.get(0)) == Some("t");
+                    let in_transaction = row.as_ref().and_then(|r| r.get(1)) == Some("t");
+                    if in_transaction {
+                        warn!(
+                            "lock {}: the critical section left a transaction open; \
+                             rolling it back",
+                            self.key
+                        );
+                        self.end_transaction(client, "of a transaction left open")?;
+                    }
+                    if unlocked {
+                        debug!("unlocked {}", self.key);
+                        return Ok(());
+                    }
+                    warn!(
+                        "lock {} was lost: pg_advisory_unlock returned false (the session \
+                         no longer held it)",
+                        self.key
+                    );
+                    return Err(self.lost(LostReason::NotHeld, None));
+                }
+                Err(e) => e,
+            };
+            match failure_of(client, &error) {
+                Failure::Closed => {
+                    warn!(
+                        "lock {} was lost: its session ended ({})",
+                        self.key,
+                        describe(&error)
+                    );
+                    return Err(self.lost(LostReason::SessionEnded, Some(error)));
+                }
+                Failure::InFailedTransaction if !retried => {
+                    // The critical section left a failed transaction open: end it, then
+                    // unlock.
+                    retried = true;
+                    self.end_transaction(client, "of a failed transaction left open")?;
+                }
+                Failure::Canceled if !retried => retried = true,
+                _ => {
+                    warn!("lock {}: unlock failed: {}", self.key, describe(&error));
+                    self.end_session(client, "its unlock failed");
+                    return Err(self.database("unlock", error));
+                }
+            }
+        }
+    }
+
+    /// Commits the lock's transaction, which ends the transaction lock.
+    pub(crate) fn commit(&mut self, client: &mut Client, stamp: i64) -> Result<()> {
+        debug_assert_eq!(self.scope, Scope::Transaction);
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        // The check runs first: in a failed transaction it fails (25P02) and COMMIT does
+        // not run, instead of COMMIT silently rolling back.
+        let sql = format!("SELECT {TX_STAMP} = {stamp}; COMMIT");
+        match query_row(client, &sql) {
+            Ok(row) if row.as_ref().and_then(|r| r.get(0)) == Some("t") => {
+                debug!("committed and unlocked {}", self.key);
+                Ok(())
+            }
+            Ok(_) => {
+                warn!(
+                    "lock {} was lost: its transaction was ended inside the critical section",
+                    self.key
+                );
+                Err(self.lost(LostReason::TransactionEnded, None))
+            }
+            Err(e) => match failure_of(client, &e) {
+                Failure::Closed => Err(self.lost(LostReason::SessionEnded, Some(e))),
+                // The check failed, so COMMIT did not run: the transaction is still open.
+                Failure::InFailedTransaction | Failure::Canceled => {
+                    let _ = self.end_transaction(client, "after a failed commit");
+                    Err(self.database("commit", e))
+                }
+                // COMMIT itself failed, which rolled the transaction back.
+                _ => Err(self.database("commit", e)),
+            },
+        }
+    }
+
+    /// Rolls back the lock's transaction, which ends the transaction lock.
+    pub(crate) fn rollback(&mut self, client: &mut Client) -> Result<()> {
+        debug_assert_eq!(self.scope, Scope::Transaction);
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        self.end_transaction(client, "of the lock's transaction")?;
+        debug!("rolled back and unlocked {}", self.key);
+        Ok(())
+    }
+
+    /// Asks the server whether this session holds the lock.
+    pub(crate) fn is_held(&self, client: &mut Client) -> Result<bool> {
+        match query_row(client, &self.sql.is_held) {
+            Ok(row) => Ok(row.as_ref().and_then(|r| r.get(0)) == Some("t")),
+            Err(e) if failure_of(client, &e) == Failure::Closed => Ok(false),
+            Err(e) => Err(self.database("is_held", e)),
+        }
+    }
+
+    /// Ends the database session: the server frees every lock it held, and the client
+    /// reports closed, so r2d2 discards the connection instead of reusing it.
+    fn end_session(&mut self, client: &mut Client, why: &str) {
+        self.held = false;
+        if client.is_closed() {
+            return;
+        }
+        warn!("lock {}: ending its database session: {why}", self.key);
+        for _ in 0..2 {
+            match client.simple_query(TERMINATE) {
+                Err(e) if failure_of(client, &e) == Failure::Canceled => continue,
+                _ => break,
+            }
+        }
+        // The client sees the closed socket only on its next use; make that happen now so
+        // that r2d2's `has_broken` check sees it.
+        if !client.is_closed() && client.simple_query("").is_ok() {
+            log::error!(
+                "lock {}: could not end its database session; the connection may be \
+                 returned to the pool in an unknown state",
+                self.key
+            );
+        }
+    }
+
+    fn lost(&self, reason: LostReason, source: Option<postgres::Error>) -> Error {
+        Error::LockLost {
+            key: self.key.clone(),
+            reason,
+            source,
+        }
+    }
+
+    fn database(&self, operation: &'static str, source: postgres::Error) -> Error {
+        Error::Database {
+            key: self.key.clone(),
+            operation,
+            source,
+        }
+    }
+}
+
+/// Classifies an error, also looking at the client: a session ended by the server is
+/// first reported as a FATAL error on a client that does not know yet that it is closed.
+fn failure_of(client: &Client, e: &postgres::Error) -> Failure {
+    if client.is_closed() {
+        Failure::Closed
+    } else {
+        Failure::of(e)
+    }
+}
+
+/// Runs a cleanup batch; runs it once more if a cancel request cancelled it (a cancel
+/// request can arrive after the statement it was meant for).
+fn run_retrying(
+    client: &mut Client,
+    sql: &str,
+) -> Result<Vec<SimpleQueryMessage>, postgres::Error> {
+    match client.simple_query(sql) {
+        Err(e) if failure_of(client, &e) == Failure::Canceled => client.simple_query(sql),
+        other => other,
+    }
+}
+
+/// Runs a simple-protocol batch and returns its first row.
+fn query_row(client: &mut Client, sql: &str) -> Result<Option<SimpleQueryRow>, postgres::Error> {
+    Ok(client.simple_query(sql)?.into_iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    }))
+}
+
+/// The transaction stamp in the second column of a transaction lock's row; 0 otherwise.
+fn stamp_of(row: Option<&SimpleQueryRow>) -> i64 {
+    row.and_then(|r| r.try_get(1).ok().flatten())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with jitter: each sleep is drawn from [d/2, d], and d doubles
+/// from `min` up to `max`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        // Seed from the clock and a stack address: enough to spread waiters apart.
+        let local = 0u8;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seed = u64::from(nanos) ^ (std::ptr::addr_of!(local) as u64).rotate_left(32);
+        Backoff {
+            next: min,
+            max,
+            rng: seed | 1,
+        }
+    }
+
+    fn next_sleep(&mut self) -> Duration {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let unit = (r >> 11) as f64 / (1u64 << 53) as f64;
+        let sleep = self.next.mul_f64(0.5 + 0.5 * unit);
+        self.next = self.next.saturating_mul(2).min(self.max);
+        sleep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_caps() {
+        let (min, max) = (Duration::from_millis(10), Duration::from_millis(80));
+        let mut b = Backoff::new(min, max);
+        let mut ceiling = min;
+        for _ in 0..20 {
+            let s = b.next_sleep();
+            assert!(
+                s >= ceiling / 2 && s <= ceiling,
+                "{s:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+            ceiling = (ceiling * 2).min(max);
+        }
+    }
+
+    #[test]
+    fn session_statements() {
+        let sql = Sql::new(Scope::Session, LockMode::Exclusive, &LockKey::new(42), 0);
+        assert_eq!(sql.try_lock, "SELECT pg_catalog.pg_try_advisory_lock(42)");
+        assert_eq!(
+            sql.wait_default,
+            "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+             SELECT pg_catalog.pg_advisory_lock(42)"
+        );
+        assert_eq!(
+            sql.wait(1500),
+            "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 1500; \
+             SELECT pg_catalog.pg_advisory_lock(42)"
+        );
+        assert!(sql.unlock.contains("pg_catalog.pg_advisory_unlock(42)"));
+        assert!(sql
+            .is_held
+            .contains("classid = 0 AND objid = 42 AND objsubid = 1 AND mode = 'ExclusiveLock'"));
+    }
+
+    #[test]
+    fn transaction_statements() {
+        let sql = Sql::new(
+            Scope::Transaction,
+            LockMode::Shared,
+            &LockKey::pair(1, -1),
+            250,
+        );
+        assert_eq!(
+            sql.try_lock,
+            format!("BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), {TX_STAMP}")
+        );
+        assert_eq!(
+            sql.wait_default,
+            format!(
+                "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 250; \
+                 SELECT pg_catalog.pg_advisory_xact_lock_shared(1, -1), {TX_STAMP}; \
+                 SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
+            )
+        );
+        assert!(sql.is_held.contains(
+            "classid = 1 AND objid = 4294967295 AND objsubid = 2 AND mode = 'ShareLock'"
+        ));
+    }
+}

@@ -1,0 +1,151 @@
+//! Distributed locks on PostgreSQL advisory locks, for synchronous Rust.
+//!
+//! Many processes on many hosts must not run the same critical section at once: a
+//! migration runner started by every replica, a cron job scheduled on three servers, a
+//! batch step that must run once. pglock takes a PostgreSQL advisory lock on a connection
+//! checked out of your [`r2d2`] pool, with blocking calls, RAII guards and closures. It
+//! needs no tables and no async runtime.
+//!
+//! ```no_run
+//! use pglock::SessionLock;
+//! use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let manager = PostgresConnectionManager::new("host=localhost user=postgres".parse()?, NoTls);
+//! let pool = r2d2::Pool::new(manager)?;
+//!
+//! let mut lock = SessionLock::new(&pool, "nightly-report")?;
+//! lock.with_lock(|conn| -> Result<(), Box<dyn std::error::Error>> {
+//!     // One process in the whole cluster at a time runs this.
+//!     conn.execute("INSERT INTO reports (day) VALUES (current_date)", &[])?;
+//!     Ok(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Two kinds of lock
+//!
+//! - [`SessionLock`] (`pg_advisory_lock`): held by the database session until unlocked.
+//!   It spans transactions, so it fits work that is not one transaction:
+//!   `CREATE INDEX CONCURRENTLY`, long batch jobs, calls to other systems.
+//! - [`TxLock`] (`pg_advisory_xact_lock`): taken inside a transaction and released when it
+//!   commits or rolls back. The work runs in that transaction: success commits, an error
+//!   or a panic rolls back. It works behind transaction-mode poolers (PgBouncer), and is
+//!   what migration runners want.
+//!
+//! Both implement [`Locker`], in [`LockMode::Exclusive`] (the default) or
+//! [`LockMode::Shared`] (the reader side of a reader-writer lock), and offer the same
+//! calls:
+//!
+//! | call | blocks | when the lock is busy |
+//! |---|---|---|
+//! | `try_lock()` | never | `Ok(None)` |
+//! | `try_lock_for(d)` | at most `d` | `Ok(None)` after `d` |
+//! | `lock()` | up to [`LockOptions::lock_timeout`] (default: no bound) | [`Error::Timeout`] |
+//! | `with_lock(f)` | like `lock()` | like `lock()`; runs `f` and releases on every path |
+//!
+//! # Keys
+//!
+//! A [`LockKey`] is an `i64`, an `(i32, i32)` pair, or a name. A name maps to PostgreSQL's
+//! own `hashtextextended(name, 0)`, computed without a round trip, so any other program
+//! takes the same lock with `SELECT pg_advisory_lock(hashtextextended('nightly-report', 0))`.
+//!
+//! # What the locks guarantee, and what they do not
+//!
+//! - **Advisory.** Only code that takes the same lock is excluded. Nothing stops a
+//!   program that does not ask from touching the same rows.
+//! - **Session locks stack and survive transactions.** On the server, a session that
+//!   takes a lock twice must unlock it twice, and `COMMIT` or `ROLLBACK` does not release
+//!   it. pglock hands out one guard at a time per lock, so this only matters to SQL you
+//!   write yourself.
+//! - **Transaction locks end with the transaction**, at `COMMIT` or `ROLLBACK`, and cannot
+//!   be unlocked earlier.
+//! - **A dead session frees its locks.** If the holder's process dies or its connection
+//!   closes, the server frees the lock as soon as it notices, and the next waiter gets it.
+//!   This is what makes advisory locks safe to use: no lease to expire, no stale lock
+//!   file.
+//! - **A lock can be lost silently.** An administrator's `pg_terminate_backend`,
+//!   `idle_session_timeout`, `idle_in_transaction_session_timeout` or a failover ends the
+//!   session and frees the lock while the holder still runs. The holder learns it at its
+//!   next statement, at unlock ([`Error::LockLost`]), or by asking:
+//!   [`SessionGuard::is_held`] and [`TxGuard::is_held`] cost one round trip. Long critical
+//!   sections should ask between steps, and should write through the guard's connection,
+//!   which fails once the session is gone.
+//! - **Network partitions.** If the holder's host is cut off without closing its socket,
+//!   the server keeps the lock until it notices the dead connection through TCP
+//!   keepalives: by default on Linux, after about two hours. Bound it on the server with
+//!   `tcp_keepalives_idle`, `tcp_keepalives_interval` and `tcp_keepalives_count` (and,
+//!   for a holder killed mid-statement, `client_connection_check_interval`); bound how
+//!   long the holder can go on unaware with the client's `keepalives_idle` and
+//!   `tcp_user_timeout` connection settings. Until then, a partitioned holder and the
+//!   server disagree about who holds the lock only if the holder keeps working without
+//!   talking to the server; work done through the lock's own connection fails instead.
+//! - **Transaction-mode poolers break session locks.** PgBouncer with
+//!   `pool_mode = transaction` sends each transaction to any server session, so a session
+//!   lock lands on one and its unlock on another (pglock then reports
+//!   [`Error::LockLost`]). Use [`TxLock`] there, or connect directly or in session mode.
+//!
+//! # Timeouts
+//!
+//! Bounded waits use the server's `lock_timeout`, set with `SET LOCAL` in the same
+//! simple-protocol batch as the lock call: one round trip, and nothing is left set on the
+//! pooled connection. The same batch lifts `statement_timeout`, so a short role- or
+//! session-level `statement_timeout` cannot cut a wait short (or cancel an unlock). A zero
+//! timeout means "try once", never PostgreSQL's "wait forever". A timeout above
+//! PostgreSQL's limit (`i32::MAX` ms) is an [`Error::InvalidArgument`], never clamped.
+//!
+//! The server may grant a lock just as a timeout or a cancel fires. After such a failure
+//! pglock looks in `pg_locks` for this session and releases what was taken (or, for a
+//! [`TxLock`], rolls the transaction back), so a failed call never holds anything.
+//!
+//! # Pool hygiene
+//!
+//! No path (success, error, timeout, cancel, panic, lost connection, failed unlock)
+//! returns a connection to the pool holding an advisory lock, an open transaction, or a
+//! changed setting. When a release cannot be confirmed, pglock ends the database session
+//! (`pg_terminate_backend(pg_backend_pid())`): the server frees every lock it held, and
+//! r2d2 discards the closed connection. Settings your own SQL changes with a
+//! session-level `SET` stay on the connection, as with any pooled connection.
+//!
+//! # Waiting on the server, or polling
+//!
+//! By default a blocked call waits on the server, which wakes it the instant the lock is
+//! free and detects deadlocks ([`Error::Deadlock`]). A session waiting on the server holds
+//! a virtual transaction, though, and a holder that runs `CREATE INDEX CONCURRENTLY` waits
+//! for every such transaction to end: holder and waiter deadlock, undetected. Migration
+//! runners should use [`WaitMode::Poll`], which polls with non-blocking tries and jittered
+//! backoff, outside any transaction.
+//!
+//! # Cancellation
+//!
+//! [`CancelHandle`] aborts a lock's waits from another thread (a Ctrl-C handler, a
+//! supervisor): the waiter gets [`Error::Cancelled`] and holds nothing.
+//!
+//! # Logging
+//!
+//! Through [`log`]: `debug` on lock and unlock with the key and the time waited or held;
+//! `warn` when a release fails or a lock is found lost.
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![deny(missing_debug_implementations)]
+
+mod cancel;
+mod core;
+mod error;
+mod key;
+mod locker;
+mod options;
+mod session;
+mod tx;
+
+pub use crate::cancel::CancelHandle;
+pub use crate::error::{Error, LostReason, Result};
+pub use crate::key::LockKey;
+pub use crate::locker::Locker;
+pub use crate::options::{LockMode, LockOptions, WaitMode};
+pub use crate::session::{SessionGuard, SessionLock};
+pub use crate::tx::{TxGuard, TxLock};
+
+pub use postgres;
+pub use r2d2;
+pub use r2d2_postgres;
