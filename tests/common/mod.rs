@@ -1,0 +1,202 @@
+//! Shared set-up for the integration tests. Every test runs against a real PostgreSQL
+//! named by `DATABASE_URL`; `ci/with-postgres` provides a throwaway one.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::time::{Duration, Instant};
+
+use pglock::LockKey;
+use postgres::{Client, NoTls};
+use r2d2_postgres::PostgresConnectionManager;
+
+pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// The server under test. Fails loudly, saying how to get one, when there is none.
+pub fn database_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "\n\nDATABASE_URL is not set: pglock's tests need a real PostgreSQL server.\n\
+             Run them through the throwaway-cluster script, which starts one and stops it \
+             afterwards:\n\n    ci/with-postgres cargo nextest run\n\n\
+             or set DATABASE_URL to a server you own, e.g.\n\n    \
+             DATABASE_URL=postgres://postgres@localhost/postgres cargo nextest run\n\n"
+        ),
+    }
+}
+
+/// A pool of at most `size` connections.
+pub fn pool(size: u32) -> Pool {
+    pool_with(size, &database_url())
+}
+
+/// A pool of at most `size` connections to `url`, failing fast when exhausted.
+pub fn pool_with(size: u32, url: &str) -> Pool {
+    let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
+    r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_secs(10))
+        .build(manager)
+        .expect("connect to DATABASE_URL")
+}
+
+/// A direct connection for looking at the server from the outside.
+pub fn admin() -> Client {
+    Client::connect(&database_url(), NoTls).expect("connect to DATABASE_URL")
+}
+
+/// The name of the calling function, e.g. `session::try_lock_contention`.
+#[macro_export]
+macro_rules! function_name {
+    () => {{
+        fn f() {}
+        fn type_name_of<T>(_: T) -> &'static str {
+            std::any::type_name::<T>()
+        }
+        let name = type_name_of(f);
+        &name[..name.len() - 3]
+    }};
+}
+
+/// A lock key of the calling test's own, so that the suite runs in parallel:
+/// `unique_key!()` or, for more keys in one test, `unique_key!("second")`.
+#[macro_export]
+macro_rules! unique_key {
+    () => {
+        pglock::LockKey::from_name(&format!("pglock-test/{}", $crate::function_name!()))
+    };
+    ($suffix:expr) => {
+        pglock::LockKey::from_name(&format!(
+            "pglock-test/{}/{}",
+            $crate::function_name!(),
+            $suffix
+        ))
+    };
+}
+
+/// The backend pid of a client.
+pub fn backend_pid(client: &mut Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+/// The rows of `pg_locks` for `key`: (pid, mode, granted).
+pub fn locks_on(admin: &mut Client, key: &LockKey) -> Vec<(i32, String, bool)> {
+    admin
+        .query(
+            "SELECT pid, mode, granted FROM pg_locks WHERE locktype = 'advisory' \
+             AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 \
+             ORDER BY pid",
+            &[
+                &i64::from(key.classid()),
+                &i64::from(key.objid()),
+                &key.objsubid(),
+            ],
+        )
+        .expect("query pg_locks")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// How many sessions hold `key`.
+pub fn holders(admin: &mut Client, key: &LockKey) -> usize {
+    locks_on(admin, key).iter().filter(|l| l.2).count()
+}
+
+/// How many sessions wait for `key`.
+pub fn waiters(admin: &mut Client, key: &LockKey) -> usize {
+    locks_on(admin, key).iter().filter(|l| !l.2).count()
+}
+
+/// Every advisory lock the backend `pid` holds or waits for.
+pub fn advisory_locks_of(admin: &mut Client, pid: i32) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            &[&pid],
+        )
+        .expect("query pg_locks")
+        .get(0)
+}
+
+/// The `state` of backend `pid` in `pg_stat_activity` ('idle', 'idle in transaction', ...),
+/// or `None` if it is gone.
+pub fn backend_state(admin: &mut Client, pid: i32) -> Option<String> {
+    admin
+        .query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .expect("query pg_stat_activity")
+        .map(|r| r.get(0))
+}
+
+/// Polls a condition on the server until it holds, failing the test after `within`.
+/// For state only the server can show (a waiter queued in `pg_locks`, a session gone);
+/// threads of the test itself synchronise with channels and barriers instead.
+pub fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits until `n` sessions are queued for `key` on the server.
+pub fn wait_for_waiters(admin: &mut Client, key: &LockKey, n: usize) {
+    wait_until(
+        &format!("{n} session(s) wait for {key}"),
+        Duration::from_secs(10),
+        || waiters(admin, key) == n,
+    );
+}
+
+/// A table of named counters for read-modify-write races, created once.
+pub fn counter(admin: &mut Client, name: &str) {
+    admin
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('pglock-test/schema', 0)); \
+             CREATE TABLE IF NOT EXISTS pglock_test_counters (name text PRIMARY KEY, n int NOT NULL); \
+             COMMIT",
+        )
+        .expect("create the counters table");
+    admin
+        .execute(
+            "INSERT INTO pglock_test_counters VALUES ($1, 0) \
+             ON CONFLICT (name) DO UPDATE SET n = 0",
+            &[&name],
+        )
+        .expect("reset counter");
+}
+
+/// Reads and writes back a counter in two statements: without mutual exclusion, concurrent
+/// increments get lost.
+pub fn increment(conn: &mut Client, name: &str) {
+    let n: i32 = conn
+        .query_one(
+            "SELECT n FROM pglock_test_counters WHERE name = $1",
+            &[&name],
+        )
+        .expect("read counter")
+        .get(0);
+    std::thread::yield_now();
+    conn.execute(
+        "UPDATE pglock_test_counters SET n = $2 WHERE name = $1",
+        &[&name, &(n + 1)],
+    )
+    .expect("write counter");
+}
+
+/// The value of a counter.
+pub fn count(admin: &mut Client, name: &str) -> i32 {
+    admin
+        .query_one(
+            "SELECT n FROM pglock_test_counters WHERE name = $1",
+            &[&name],
+        )
+        .expect("read counter")
+        .get(0)
+}

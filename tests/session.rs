@@ -1,0 +1,405 @@
+//! `SessionLock` semantics against the real server: try, blocking and bounded waits,
+//! shared and exclusive modes, `with_lock` on every path, lost locks.
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{admin, backend_pid, holders, locks_on, pool, wait_for_waiters, waiters};
+use pglock::{
+    CancelHandle, Error, LockMode, LockOptions, Locker, LostReason, SessionGuard, SessionLock,
+    TxLock,
+};
+
+#[test]
+fn try_lock_fails_while_held_elsewhere_and_succeeds_after() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let mut a = SessionLock::new(&pool, key.clone()).unwrap();
+    let mut b = SessionLock::new(&pool, key.clone()).unwrap();
+
+    let guard = a.try_lock().unwrap().expect("a: the lock is free");
+    assert!(b.try_lock().unwrap().is_none(), "b took a held lock");
+    drop(guard);
+    let _guard = b.try_lock().unwrap().expect("b: the lock was released");
+    assert_eq!(holders(&mut admin(), &key), 1);
+}
+
+#[test]
+fn guard_runs_sql_on_the_session_that_holds_the_lock() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let mut guard = lock.lock().unwrap();
+    let pid = backend_pid(&mut guard);
+    assert_eq!(
+        locks_on(&mut admin(), &key),
+        vec![(pid, "ExclusiveLock".to_owned(), true)]
+    );
+    assert_eq!(SessionGuard::key(&guard), &key);
+    assert!(SessionGuard::is_held(&mut guard).unwrap());
+}
+
+#[test]
+fn blocked_waiter_wakes_when_the_holder_unlocks() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let mut admin = admin();
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let guard = holder.lock().unwrap();
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let waiter_pool = pool.clone();
+    let waiter_key = key.clone();
+    let waiter = thread::spawn(move || {
+        let mut lock = SessionLock::new(&waiter_pool, waiter_key).unwrap();
+        let mut guard = lock.lock().unwrap();
+        done_tx.send(backend_pid(&mut guard)).unwrap();
+        // Hold until the test has looked at pg_locks.
+        release_rx.recv().unwrap();
+    });
+    wait_for_waiters(&mut admin, &key, 1);
+    assert!(done_rx.try_recv().is_err(), "the waiter got a held lock");
+
+    SessionGuard::unlock(guard).unwrap();
+    let pid = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiter was not woken");
+    assert_eq!(
+        locks_on(&mut admin, &key),
+        vec![(pid, "ExclusiveLock".to_owned(), true)]
+    );
+    release_tx.send(()).unwrap();
+    waiter.join().unwrap();
+}
+
+#[test]
+fn bounded_lock_times_out_within_its_window_and_holds_nothing() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let mut admin = admin();
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let _guard = holder.lock().unwrap();
+
+    let timeout = Duration::from_millis(300);
+    let options = LockOptions::new().lock_timeout(timeout);
+    let mut waiter = SessionLock::with_options(&pool, key.clone(), options).unwrap();
+    let start = Instant::now();
+    let err = waiter.lock().unwrap_err();
+    let elapsed = start.elapsed();
+    match &err {
+        Error::Timeout { key: k, waited } => {
+            assert_eq!(k, &key);
+            assert!(*waited >= timeout, "gave up early: {waited:?}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(elapsed >= timeout, "returned after {elapsed:?}");
+    assert!(
+        elapsed < timeout + Duration::from_millis(500),
+        "returned after {elapsed:?}"
+    );
+    assert_eq!(holders(&mut admin, &key), 1, "only the holder holds it");
+    assert_eq!(waiters(&mut admin, &key), 0, "the waiter left the queue");
+
+    let start = Instant::now();
+    assert!(waiter.try_lock_for(timeout).unwrap().is_none());
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= timeout && elapsed < timeout + Duration::from_millis(500),
+        "{elapsed:?}"
+    );
+}
+
+#[test]
+fn bounded_lock_succeeds_when_released_within_the_bound() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let mut admin = admin();
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let guard = holder.lock().unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let waiter_pool = pool.clone();
+    let waiter_key = key.clone();
+    let waiter = thread::spawn(move || {
+        let mut lock = SessionLock::new(&waiter_pool, waiter_key).unwrap();
+        let got = lock
+            .try_lock_for(Duration::from_secs(30))
+            .unwrap()
+            .is_some();
+        tx.send(got).unwrap();
+    });
+    wait_for_waiters(&mut admin, &key, 1);
+    drop(guard);
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "the waiter timed out"
+    );
+    waiter.join().unwrap();
+}
+
+#[test]
+fn zero_timeout_means_try_not_forever() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let options = LockOptions::new().lock_timeout(Duration::ZERO);
+    let mut a = SessionLock::with_options(&pool, key.clone(), options.clone()).unwrap();
+    let mut b = SessionLock::with_options(&pool, key.clone(), options).unwrap();
+
+    let _guard = a.lock().expect("a free lock is taken at once");
+    let start = Instant::now();
+    assert!(matches!(b.lock(), Err(Error::Timeout { .. })));
+    assert!(b.try_lock_for(Duration::ZERO).unwrap().is_none());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn shared_holders_coexist_and_exclude_an_exclusive_one() {
+    let key = unique_key!();
+    let pool = pool(3);
+    let mut admin = admin();
+    let shared = LockOptions::new().mode(LockMode::Shared);
+    let mut r1 = SessionLock::with_options(&pool, key.clone(), shared.clone()).unwrap();
+    let mut r2 = SessionLock::with_options(&pool, key.clone(), shared).unwrap();
+    let mut w = SessionLock::new(&pool, key.clone()).unwrap();
+    assert_eq!(r1.mode(), LockMode::Shared);
+
+    let g1 = r1.try_lock().unwrap().expect("first reader");
+    let g2 = r2.try_lock().unwrap().expect("second reader alongside");
+    assert_eq!(
+        locks_on(&mut admin, &key)
+            .iter()
+            .filter(|l| l.1 == "ShareLock" && l.2)
+            .count(),
+        2
+    );
+    assert!(w.try_lock().unwrap().is_none(), "writer beside readers");
+    drop(g1);
+    assert!(w.try_lock().unwrap().is_none(), "writer beside a reader");
+    drop(g2);
+    let writer = w.try_lock().unwrap().expect("writer once readers left");
+    assert!(r1.try_lock().unwrap().is_none(), "reader beside a writer");
+    drop(writer);
+    assert!(r1.try_lock().unwrap().is_some());
+}
+
+#[test]
+fn with_lock_unlocks_after_ok_err_and_panic() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+
+    let value = lock
+        .with_lock(|conn| -> Result<i32, Error> {
+            assert_eq!(holders(&mut common::admin(), &key), 1);
+            Ok(conn.query_one("SELECT 41 + 1", &[]).unwrap().get(0))
+        })
+        .unwrap();
+    assert_eq!(value, 42);
+    assert_eq!(holders(&mut admin, &key), 0, "held after Ok");
+
+    #[derive(Debug)]
+    enum JobError {
+        Lock,
+        Job(&'static str),
+    }
+    impl From<Error> for JobError {
+        fn from(_: Error) -> Self {
+            JobError::Lock
+        }
+    }
+    let err = lock
+        .with_lock(|_| -> Result<(), JobError> { Err(JobError::Job("boom")) })
+        .unwrap_err();
+    assert!(matches!(err, JobError::Job("boom")), "{err:?}");
+    assert_eq!(holders(&mut admin, &key), 0, "held after Err");
+
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = lock.with_lock(|_| -> Result<(), Error> { panic!("in the critical section") });
+    }));
+    assert!(panicked.is_err(), "the panic went on");
+    assert_eq!(holders(&mut admin, &key), 0, "held after a panic");
+    assert!(
+        lock.try_lock().unwrap().is_some(),
+        "the lock is usable after a panic"
+    );
+}
+
+#[test]
+fn with_lock_reports_a_lock_lost_during_successful_work() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let err = lock
+        .with_lock(|conn| -> Result<(), Error> {
+            conn.batch_execute("SELECT pg_advisory_unlock_all()")
+                .unwrap();
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::LockLost {
+                reason: LostReason::NotHeld,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.key(), &key);
+}
+
+#[test]
+fn a_terminated_session_is_reported_lost_and_frees_the_lock() {
+    let key = unique_key!();
+    let pool = pool(2);
+    let mut admin = admin();
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let mut guard = holder.lock().unwrap();
+    let pid = backend_pid(&mut guard);
+
+    let (tx, rx) = mpsc::channel();
+    let waiter_pool = pool.clone();
+    let waiter_key = key.clone();
+    let waiter = thread::spawn(move || {
+        let mut lock = SessionLock::new(&waiter_pool, waiter_key).unwrap();
+        let got = lock.lock().map(|_| ());
+        tx.send(got).unwrap();
+    });
+    wait_for_waiters(&mut admin, &key, 1);
+
+    // An administrator (or idle_session_timeout, or a failover) ends the holder's session.
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the waiter did not get the freed lock")
+        .unwrap();
+    waiter.join().unwrap();
+
+    assert!(
+        !SessionGuard::is_held(&mut guard).unwrap(),
+        "is_held after termination"
+    );
+    let err = SessionGuard::unlock(guard).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LockLost {
+                reason: LostReason::SessionEnded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_leaked_guard_is_released_when_its_lock_drops() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    std::mem::forget(lock.lock().unwrap());
+    assert_eq!(holders(&mut admin(), &key), 1);
+    drop(lock);
+    assert_eq!(holders(&mut admin(), &key), 0);
+}
+
+#[test]
+fn a_transaction_left_open_in_the_critical_section_is_rolled_back() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+
+    let mut guard = lock.lock().unwrap();
+    let pid = backend_pid(&mut guard);
+    guard
+        .batch_execute("BEGIN; CREATE TEMP TABLE pglock_left_open (x int)")
+        .unwrap();
+    SessionGuard::unlock(guard).expect("unlock inside an open transaction");
+    assert_eq!(
+        common::backend_state(&mut admin, pid).as_deref(),
+        Some("idle")
+    );
+    assert_eq!(holders(&mut admin, &key), 0);
+
+    // A failed transaction left open: the unlock rolls it back and still unlocks.
+    let mut guard = lock.lock().unwrap();
+    guard.batch_execute("BEGIN").unwrap();
+    assert!(guard.batch_execute("SELECT 1/0").is_err());
+    SessionGuard::unlock(guard).expect("unlock inside a failed transaction");
+    assert_eq!(
+        common::backend_state(&mut admin, pid).as_deref(),
+        Some("idle")
+    );
+    assert_eq!(holders(&mut admin, &key), 0);
+}
+
+#[test]
+fn stacked_raw_locks_are_not_confused_with_the_guard() {
+    // Session locks stack on the server: one taken with raw SQL on another session is
+    // independent of pglock's.
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let guard = lock.lock().unwrap();
+    drop(guard);
+    let guard = lock.lock().unwrap();
+    assert_eq!(holders(&mut admin, &key), 1);
+    drop(guard);
+    assert_eq!(holders(&mut admin, &key), 0);
+}
+
+#[test]
+fn locks_and_handles_cross_threads() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<SessionLock>();
+    assert_send::<TxLock>();
+    assert_send::<pglock::SessionGuard<'static>>();
+    assert_send::<pglock::TxGuard<'static>>();
+    assert_send_sync::<CancelHandle>();
+    assert_send_sync::<Error>();
+
+    // A lock made on one thread is used on another.
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let held = thread::spawn(move || {
+        let mut guard = lock.lock().unwrap();
+        SessionGuard::is_held(&mut guard).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert!(held);
+}
+
+#[test]
+fn the_trait_drives_either_kind_of_lock() {
+    fn count_under<L: Locker>(lock: &mut L) -> Result<i64, Error> {
+        lock.with_lock(|conn| {
+            Ok(conn
+                .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", &[])
+                .unwrap()
+                .get(0))
+        })
+    }
+    let pool = pool(2);
+    let mut session = SessionLock::new(&pool, unique_key!("session")).unwrap();
+    let mut tx = TxLock::new(&pool, unique_key!("tx")).unwrap();
+    assert_eq!(count_under(&mut session).unwrap(), 1);
+    assert_eq!(count_under(&mut tx).unwrap(), 1);
+    assert_eq!(Locker::key(&session), &unique_key!("session"));
+}
