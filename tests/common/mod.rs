@@ -24,14 +24,21 @@ pub fn database_url() -> String {
     }
 }
 
-/// A pool of at most `size` connections.
-pub fn pool(size: u32) -> Pool {
-    pool_with(size, &database_url())
+/// The connection settings of `DATABASE_URL`.
+pub fn config() -> postgres::Config {
+    database_url()
+        .parse()
+        .expect("DATABASE_URL is not a valid connection string")
 }
 
-/// A pool of at most `size` connections to `url`, failing fast when exhausted.
-pub fn pool_with(size: u32, url: &str) -> Pool {
-    let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
+/// A pool of at most `size` connections.
+pub fn pool(size: u32) -> Pool {
+    pool_with(size, config())
+}
+
+/// A pool of at most `size` connections with `config`, failing fast when exhausted.
+pub fn pool_with(size: u32, config: postgres::Config) -> Pool {
+    let manager = PostgresConnectionManager::new(config, NoTls);
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
