@@ -49,7 +49,10 @@ pub(crate) enum Outcome {
 /// so a commit can tell whether the critical section ended it and began another.
 const TX_STAMP: &str = "(pg_catalog.date_part('epoch', pg_catalog.now()) * 1000000)::int8";
 
-const TERMINATE: &str = "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
+/// Ends this backend. The `ROLLBACK` first lets it run inside an aborted transaction,
+/// where any other statement fails with 25P02 (outside a transaction it only warns).
+const TERMINATE: &str =
+    "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
 
 /// The statements of one lock, built once.
 #[derive(Debug)]
@@ -549,19 +552,26 @@ impl Core {
             return;
         }
         warn!("lock {}: ending its database session: {why}", self.key);
+        let mut last = None;
         for _ in 0..2 {
             match client.simple_query(TERMINATE) {
-                Err(e) if failure_of(client, &e) == Failure::Canceled => continue,
-                _ => break,
+                Err(e) if failure_of(client, &e) == Failure::Canceled => last = Some(e),
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+                Ok(_) => break,
             }
         }
         // The client sees the closed socket only on its next use; make that happen now so
         // that r2d2's `has_broken` check sees it.
         if !client.is_closed() && client.simple_query("").is_ok() {
             log::error!(
-                "lock {}: could not end its database session; the connection may be \
-                 returned to the pool in an unknown state",
-                self.key
+                "lock {}: could not end its database session ({}); the connection may \
+                 return to the pool in an unknown state",
+                self.key,
+                last.as_ref()
+                    .map_or_else(|| "no error".to_owned(), describe)
             );
         }
     }

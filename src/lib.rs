@@ -117,6 +117,17 @@
 //! runners should use [`WaitMode::Poll`], which polls with non-blocking tries and jittered
 //! backoff, outside any transaction.
 //!
+//! # Deadlocks
+//!
+//! A deadlock the server can see ends with [`Error::Deadlock`] for one of the sessions in
+//! it, after `deadlock_timeout` (1 s by default): for example a holder running
+//! `CREATE INDEX CONCURRENTLY` while another session waits on the server for the lock.
+//! A deadlock that runs through your program is invisible to the server: each lock has its
+//! own connection, so if thread A holds lock 1 and waits for lock 2 while thread B holds
+//! lock 2 and waits for lock 1, the server sees two idle holders and two waiters, and
+//! nothing ends the wait. Take several keys in one fixed order, or bound the waits with
+//! [`LockOptions::lock_timeout`].
+//!
 //! # Cancellation
 //!
 //! [`CancelHandle`] aborts a lock's waits from another thread (a Ctrl-C handler, a
