@@ -1,6 +1,7 @@
 //! Transaction-level advisory locks.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
@@ -280,6 +281,47 @@ where
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Gives the connection back, to run more SQL on it or to make a lock on another key
+    /// with [`from_connection`](TxLock::from_connection) without a new checkout (r2d2 checks
+    /// each checked-out connection with a round trip by default).
+    ///
+    /// No guard can be alive here; if one was leaked with `mem::forget`, this rolls its transaction back
+    /// first, as dropping the lock would.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use pglock::{LockOptions, TxLock};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: r2d2::Pool<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>> = todo!();
+    /// let mut conn = pool.get()?;
+    /// for job in ["a", "b", "c"] {
+    ///     let mut lock = TxLock::from_connection(conn, job, LockOptions::new())?;
+    ///     if let Some(guard) = lock.try_lock()? {
+    ///         // ... run the job
+    /// #       drop(guard);
+    ///     }
+    ///     conn = lock.into_connection();
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_connection(self) -> PooledConnection<M> {
+        let mut this = ManuallyDrop::new(self);
+        if this.core.is_held_flag() {
+            let lock = &mut *this;
+            if let Err(e) = lock.core.rollback(&mut lock.conn) {
+                warn!("{e}");
+            }
+        }
+        // SAFETY: `this` is never used or dropped again: each field is moved out or
+        // dropped exactly once, which is what dropping `self` without `Drop` would do.
+        unsafe {
+            std::ptr::drop_in_place(&mut this.core);
+            std::ptr::read(&this.conn)
         }
     }
 

@@ -166,6 +166,11 @@ fn session_lock_paths_leave_the_connection_clean() {
     std::mem::forget(lock.lock().unwrap());
     drop(lock);
     assert_clean(&pool, "guard leaked with mem::forget");
+
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    std::mem::forget(lock.lock().unwrap());
+    drop(lock.into_connection());
+    assert_clean(&pool, "guard leaked, then into_connection");
 }
 
 #[test]
@@ -226,4 +231,9 @@ fn transaction_lock_paths_leave_the_connection_clean() {
     std::mem::forget(lock.lock().unwrap());
     drop(lock);
     assert_clean(&pool, "guard leaked with mem::forget");
+
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+    std::mem::forget(lock.lock().unwrap());
+    drop(lock.into_connection());
+    assert_clean(&pool, "guard leaked, then into_connection");
 }

@@ -403,3 +403,23 @@ fn the_trait_drives_either_kind_of_lock() {
     assert_eq!(count_under(&mut tx).unwrap(), 1);
     assert_eq!(Locker::key(&session), &unique_key!("session"));
 }
+
+#[test]
+fn one_connection_serves_locks_on_many_keys() {
+    let pool = pool(1);
+    let mut admin = admin();
+    let mut conn = pool.get().unwrap();
+    let pid = backend_pid(&mut conn);
+    for i in 0..5 {
+        let key = unique_key!(i);
+        let mut lock = SessionLock::from_connection(conn, key.clone(), LockOptions::new()).unwrap();
+        let guard = lock.try_lock().unwrap().expect("free");
+        assert_eq!(
+            locks_on(&mut admin, &key),
+            vec![(pid, "ExclusiveLock".to_owned(), true)]
+        );
+        drop(guard);
+        conn = lock.into_connection();
+        assert_eq!(holders(&mut admin, &key), 0);
+    }
+}
