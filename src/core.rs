@@ -39,15 +39,17 @@ pub(crate) enum Limit {
 /// The result of an acquisition that did not fail.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Outcome {
-    /// Locked. For a transaction lock, `stamp` identifies the transaction.
-    Locked { stamp: i64 },
+    /// Locked.
+    Locked,
     /// Still held elsewhere when the limit passed, after waiting this long.
     Busy { waited: Duration },
 }
 
-/// The transaction's start time in microseconds: it identifies the lock's transaction,
-/// so a commit can tell whether the critical section ended it and began another.
-const TX_STAMP: &str = "(pg_catalog.date_part('epoch', pg_catalog.now()) * 1000000)::int8";
+/// A transaction-local setting that marks the lock's transaction: `SHOW` reads it back
+/// before `COMMIT`, empty once the transaction has ended (it reverts at the end of the
+/// transaction that set it), and fails in an aborted transaction so that `COMMIT` never
+/// silently rolls back. It is a placeholder, not listed in `pg_settings`.
+const TX_MARKER: &str = "pglock.tx_lock";
 
 /// Ends this backend. The `ROLLBACK` first lets it run inside an aborted transaction,
 /// where any other statement fails with 25P02 (outside a transaction it only warns).
@@ -59,12 +61,18 @@ const TERMINATE: &str =
 struct Sql {
     try_lock: String,
     /// The wait statement is `wait_head`, the `lock_timeout` in ms (0: no bound), `wait_tail`.
-    wait_head: &'static str,
+    wait_head: Cow<'static, str>,
     wait_tail: String,
     /// The wait statement for the configured `lock_timeout`, or for no bound.
     wait_default: String,
-    /// Session locks: unlock, and tell whether a transaction is open.
+    /// Session locks: unlock.
     unlock: String,
+    /// Session locks: unlock, and tell whether a transaction is open (for early returns
+    /// and panics, which may leave one behind).
+    unlock_checked: String,
+    /// Transaction locks: the marker's value, and the commit batch that checks it.
+    marker: String,
+    commit: String,
     /// Session locks: release the lock if a failed wait took it after all.
     release_taken: String,
     is_held: String,
@@ -74,6 +82,8 @@ impl Sql {
     fn new(scope: Scope, mode: LockMode, key: &LockKey, default_ms: u32) -> Sql {
         let args = key.sql_args();
         let m = mode.fn_suffix();
+        // Integers and commas only: safe inside a quoted literal.
+        let marker = args.replace(' ', "");
         let held = format!(
             "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
              AND pid = pg_catalog.pg_backend_pid() AND classid = {} AND objid = {} \
@@ -90,16 +100,20 @@ impl Sql {
         let (try_lock, wait_head, wait_tail) = match scope {
             Scope::Session => (
                 format!("SELECT pg_catalog.pg_try_advisory_lock{m}({args})"),
-                "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = ",
+                Cow::Borrowed("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "),
                 format!("; SELECT pg_catalog.pg_advisory_lock{m}({args})"),
             ),
             Scope::Transaction => (
                 format!(
-                    "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock{m}({args}), {TX_STAMP}"
+                    "BEGIN; SET LOCAL {TX_MARKER} = '{marker}'; \
+                     SELECT pg_catalog.pg_try_advisory_xact_lock{m}({args})"
                 ),
-                "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = ",
+                Cow::Owned(format!(
+                    "BEGIN; SET LOCAL {TX_MARKER} = '{marker}'; \
+                     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "
+                )),
                 format!(
-                    "; SELECT pg_catalog.pg_advisory_xact_lock{m}({args}), {TX_STAMP}; \
+                    "; SELECT pg_catalog.pg_advisory_xact_lock{m}({args}); \
                      SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
                 ),
             ),
@@ -110,10 +124,17 @@ impl Sql {
             wait_tail,
             wait_default: String::new(),
             unlock: format!(
+                "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock{m}({args})"
+            ),
+            // In one simple-protocol Query, now() (the transaction's start) equals
+            // statement_timestamp() unless a transaction was already open before it.
+            unlock_checked: format!(
                 "SET LOCAL statement_timeout = 0; \
                  SELECT pg_catalog.pg_advisory_unlock{m}({args}), \
                  pg_catalog.now() < pg_catalog.statement_timestamp()"
             ),
+            commit: format!("SHOW {TX_MARKER}; COMMIT"),
+            marker,
             release_taken: format!(
                 "SET LOCAL statement_timeout = 0; \
                  SELECT pg_catalog.pg_advisory_unlock{m}({args}) {held}"
@@ -231,7 +252,7 @@ impl Core {
             ) => self.poll(client, limit, start, min_interval, max_interval)?,
         };
         match outcome {
-            Outcome::Locked { .. } => {
+            Outcome::Locked => {
                 self.held = true;
                 if self.cancel.check().is_err() {
                     // Cancelled while the lock was being granted: hand out nothing.
@@ -266,10 +287,8 @@ impl Core {
             Ok(row) => row,
             Err(e) => return Err(self.failed_acquire(client, e)),
         };
-        if row.as_ref().and_then(|r| r.get(0)) == Some("t") {
-            return Ok(Outcome::Locked {
-                stamp: stamp_of(row.as_ref()),
-            });
+        if column(row.as_ref(), 0) == Some("t") {
+            return Ok(Outcome::Locked);
         }
         if self.scope == Scope::Transaction {
             // The try opened a transaction; end it before reporting "busy".
@@ -309,9 +328,7 @@ impl Core {
             return Err(self.cancelled());
         }
         match result {
-            Ok(row) => Ok(Outcome::Locked {
-                stamp: stamp_of(row.as_ref()),
-            }),
+            Ok(_) => Ok(Outcome::Locked),
             Err(e) => {
                 let failure = failure_of(client, &e);
                 let error = self.failed_acquire(client, e);
@@ -336,8 +353,8 @@ impl Core {
     ) -> Result<Outcome> {
         let mut backoff = Backoff::new(min_interval, max_interval);
         loop {
-            if let Outcome::Locked { stamp } = self.try_once(client)? {
-                return Ok(Outcome::Locked { stamp });
+            if let Outcome::Locked = self.try_once(client)? {
+                return Ok(Outcome::Locked);
             }
             let mut sleep = backoff.next_sleep();
             if let Limit::For(bound) = limit {
@@ -421,7 +438,7 @@ impl Core {
     /// that cannot be confirmed ends the session.
     fn release_quietly(&mut self, client: &mut Client) {
         let result = match self.scope {
-            Scope::Session => self.unlock_session(client),
+            Scope::Session => self.unlock_session(client, true),
             Scope::Transaction => self.rollback(client),
         };
         if let Err(e) = result {
@@ -429,8 +446,15 @@ impl Core {
         }
     }
 
-    /// Unlocks a session lock. Rolls back a transaction the critical section left open.
-    pub(crate) fn unlock_session(&mut self, client: &mut Client) -> Result<()> {
+    /// Unlocks a session lock. A failed transaction the critical section left open is
+    /// always rolled back (the unlock cannot run inside it); with `check_transaction`, so
+    /// is an open one, for the paths that may leave one behind by accident: an early
+    /// return, a panic, a failed `with_lock` body.
+    pub(crate) fn unlock_session(
+        &mut self,
+        client: &mut Client,
+        check_transaction: bool,
+    ) -> Result<()> {
         debug_assert_eq!(self.scope, Scope::Session);
         if !self.held {
             return Ok(());
@@ -438,10 +462,15 @@ impl Core {
         self.held = false;
         let mut retried = false;
         loop {
-            let error = match query_row(client, &self.sql.unlock) {
+            let sql = if check_transaction {
+                &self.sql.unlock_checked
+            } else {
+                &self.sql.unlock
+            };
+            let error = match query_row(client, sql) {
                 Ok(row) => {
-                    let unlocked = row.as_ref().and_then(|r| r.get(0)) == Some("t");
-                    let in_transaction = row.as_ref().and_then(|r| r.get(1)) == Some("t");
+                    let unlocked = column(row.as_ref(), 0) == Some("t");
+                    let in_transaction = column(row.as_ref(), 1) == Some("t");
                     if in_transaction {
                         warn!(
                             "lock {}: the critical section left a transaction open; \
@@ -489,17 +518,17 @@ impl Core {
     }
 
     /// Commits the lock's transaction, which ends the transaction lock.
-    pub(crate) fn commit(&mut self, client: &mut Client, stamp: i64) -> Result<()> {
+    pub(crate) fn commit(&mut self, client: &mut Client) -> Result<()> {
         debug_assert_eq!(self.scope, Scope::Transaction);
         if !self.held {
             return Ok(());
         }
         self.held = false;
-        // The check runs first: in a failed transaction it fails (25P02) and COMMIT does
-        // not run, instead of COMMIT silently rolling back.
-        let sql = format!("SELECT {TX_STAMP} = {stamp}; COMMIT");
-        match query_row(client, &sql) {
-            Ok(row) if row.as_ref().and_then(|r| r.get(0)) == Some("t") => {
+        // SHOW runs first: in a failed transaction it fails (25P02) and COMMIT does not
+        // run, instead of COMMIT silently rolling back; and it reads back the marker,
+        // which is gone if the critical section ended the lock's transaction.
+        match query_row(client, &self.sql.commit) {
+            Ok(row) if column(row.as_ref(), 0) == Some(self.sql.marker.as_str()) => {
                 debug!("committed and unlocked {}", self.key);
                 Ok(())
             }
@@ -510,16 +539,16 @@ impl Core {
                 );
                 Err(self.lost(LostReason::TransactionEnded, None))
             }
-            Err(e) => match failure_of(client, &e) {
-                Failure::Closed => Err(self.lost(LostReason::SessionEnded, Some(e))),
-                // The check failed, so COMMIT did not run: the transaction is still open.
-                Failure::InFailedTransaction | Failure::Canceled => {
-                    let _ = self.end_transaction(client, "after a failed commit");
-                    Err(self.database("commit", e))
-                }
-                // COMMIT itself failed, which rolled the transaction back.
-                _ => Err(self.database("commit", e)),
-            },
+            Err(e) if failure_of(client, &e) == Failure::Closed => {
+                Err(self.lost(LostReason::SessionEnded, Some(e)))
+            }
+            Err(e) => {
+                // Either SHOW failed and the transaction is still open, or COMMIT failed,
+                // which ended it; ROLLBACK is right in the first case and harmless (a
+                // warning) in the second.
+                let _ = self.end_transaction(client, "after a failed commit");
+                Err(self.database("commit", e))
+            }
         }
     }
 
@@ -538,7 +567,7 @@ impl Core {
     /// Asks the server whether this session holds the lock.
     pub(crate) fn is_held(&self, client: &mut Client) -> Result<bool> {
         match query_row(client, &self.sql.is_held) {
-            Ok(row) => Ok(row.as_ref().and_then(|r| r.get(0)) == Some("t")),
+            Ok(row) => Ok(column(row.as_ref(), 0) == Some("t")),
             Err(e) if failure_of(client, &e) == Failure::Closed => Ok(false),
             Err(e) => Err(self.database("is_held", e)),
         }
@@ -615,19 +644,18 @@ fn run_retrying(
     }
 }
 
+/// Column `i` of a row as text; `None` for a missing row or column, or NULL. Never panics
+/// (`SimpleQueryRow::get` does on a missing column).
+fn column(row: Option<&SimpleQueryRow>, i: usize) -> Option<&str> {
+    row.and_then(|r| r.try_get(i).ok().flatten())
+}
+
 /// Runs a simple-protocol batch and returns its first row.
 fn query_row(client: &mut Client, sql: &str) -> Result<Option<SimpleQueryRow>, postgres::Error> {
     Ok(client.simple_query(sql)?.into_iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => Some(row),
         _ => None,
     }))
-}
-
-/// The transaction stamp in the second column of a transaction lock's row; 0 otherwise.
-fn stamp_of(row: Option<&SimpleQueryRow>) -> i64 {
-    row.and_then(|r| r.try_get(1).ok().flatten())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Exponential backoff with jitter: each sleep is drawn from [d/2, d], and d doubles
@@ -716,16 +744,17 @@ mod tests {
         );
         assert_eq!(
             sql.try_lock,
-            format!("BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), {TX_STAMP}")
+            "BEGIN; SET LOCAL pglock.tx_lock = '1,-1'; \
+             SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1)"
         );
         assert_eq!(
             sql.wait_default,
-            format!(
-                "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 250; \
-                 SELECT pg_catalog.pg_advisory_xact_lock_shared(1, -1), {TX_STAMP}; \
-                 SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
-            )
+            "BEGIN; SET LOCAL pglock.tx_lock = '1,-1'; \
+             SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 250; \
+             SELECT pg_catalog.pg_advisory_xact_lock_shared(1, -1); \
+             SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
         );
+        assert_eq!(sql.commit, "SHOW pglock.tx_lock; COMMIT");
         assert!(sql.is_held.contains(
             "classid = 1 AND objid = 4294967295 AND objsubid = 2 AND mode = 'ShareLock'"
         ));

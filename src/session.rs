@@ -321,7 +321,7 @@ where
         let mut this = ManuallyDrop::new(self);
         if this.core.is_held_flag() {
             let lock = &mut *this;
-            if let Err(e) = lock.core.unlock_session(&mut lock.conn) {
+            if let Err(e) = lock.core.unlock_session(&mut lock.conn, true) {
                 warn!("{e}");
             }
         }
@@ -361,9 +361,10 @@ where
     /// Takes the lock within `limit`: the guard, or how long it waited for a busy lock.
     fn acquire(&mut self, limit: Limit) -> Result<Result<SessionGuard<'_, M>, Duration>> {
         Ok(match self.core.acquire(&mut self.conn, limit)? {
-            Outcome::Locked { .. } => Ok(SessionGuard {
+            Outcome::Locked => Ok(SessionGuard {
                 lock: self,
                 locked_at: Instant::now(),
+                used: false,
             }),
             Outcome::Busy { waited } => Err(waited),
         })
@@ -377,7 +378,7 @@ where
     fn drop(&mut self) {
         // Only reached with the lock held if a guard was leaked with `mem::forget`.
         if self.core.is_held_flag() {
-            if let Err(e) = self.core.unlock_session(&mut self.conn) {
+            if let Err(e) = self.core.unlock_session(&mut self.conn, true) {
                 warn!("{e}");
             }
         }
@@ -451,8 +452,13 @@ where
 ///
 /// Do not end the session's advisory locks by other means in the critical section
 /// (`pg_advisory_unlock_all()`, `DISCARD ALL`): the unlock then reports
-/// [`Error::LockLost`]. A transaction the critical section leaves open is rolled back at
-/// unlock, like a dropped [`postgres::Transaction`].
+/// [`Error::LockLost`].
+///
+/// A transaction the critical section began with raw SQL and left open (on an early
+/// return, a panic, or by mistake) is rolled back at unlock, like a dropped
+/// [`postgres::Transaction`]: the connection never goes back to the pool inside one. The
+/// check rides in the unlock statement, and only when the critical section used the
+/// connection.
 #[must_use = "if unused the lock is released immediately"]
 pub struct SessionGuard<'a, M = PostgresConnectionManager<NoTls>>
 where
@@ -460,6 +466,9 @@ where
 {
     lock: &'a mut SessionLock<M>,
     locked_at: Instant,
+    /// The critical section had mutable access to the connection, so it may have left a
+    /// transaction open.
+    used: bool,
 }
 
 impl<M> SessionGuard<'_, M>
@@ -488,7 +497,7 @@ where
     /// # }
     /// ```
     pub fn unlock(this: Self) -> Result<()> {
-        let mut this = std::mem::ManuallyDrop::new(this);
+        let mut this = ManuallyDrop::new(this);
         this.release()
     }
 
@@ -529,9 +538,14 @@ where
         this.lock.core.key()
     }
 
+    /// Unlocks. If the critical section ran SQL, also rolls back a transaction it left
+    /// open; if it did not, none can be open.
     fn release(&mut self) -> Result<()> {
         let held_for = self.locked_at.elapsed();
-        let result = self.lock.core.unlock_session(&mut self.lock.conn);
+        let result = self
+            .lock
+            .core
+            .unlock_session(&mut self.lock.conn, self.used);
         if result.is_ok() {
             debug!("held {} for {held_for:?}", self.lock.core.key());
         }
@@ -555,6 +569,9 @@ where
     M: ManageConnection<Connection = Client>,
 {
     fn deref_mut(&mut self) -> &mut Client {
+        // Every query method of `Client` takes `&mut self`: only through here can the
+        // critical section open a transaction.
+        self.used = true;
         &mut self.lock.conn
     }
 }

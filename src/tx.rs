@@ -353,9 +353,8 @@ where
     /// Takes the lock within `limit`: the guard, or how long it waited for a busy lock.
     fn acquire(&mut self, limit: Limit) -> Result<Result<TxGuard<'_, M>, Duration>> {
         Ok(match self.core.acquire(&mut self.conn, limit)? {
-            Outcome::Locked { stamp } => Ok(TxGuard {
+            Outcome::Locked => Ok(TxGuard {
                 lock: self,
-                stamp,
                 locked_at: Instant::now(),
             }),
             Outcome::Busy { waited } => Err(waited),
@@ -447,8 +446,6 @@ where
     M: ManageConnection<Connection = Client>,
 {
     lock: &'a mut TxLock<M>,
-    /// Identifies the lock's transaction (its start time in microseconds).
-    stamp: i64,
     locked_at: Instant,
 }
 
@@ -481,9 +478,8 @@ where
     pub fn commit(this: Self) -> Result<()> {
         let mut this = std::mem::ManuallyDrop::new(this);
         let held_for = this.locked_at.elapsed();
-        let stamp = this.stamp;
         let lock = &mut *this.lock;
-        let result = lock.core.commit(&mut lock.conn, stamp);
+        let result = lock.core.commit(&mut lock.conn);
         if result.is_ok() {
             debug!("held {} for {held_for:?}", lock.core.key());
         }
