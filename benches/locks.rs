@@ -59,26 +59,35 @@ impl Rng {
     }
 }
 
-/// One workload: the floor and pglock, each a closure doing one operation.
+/// One workload, three ways, each a closure doing one operation:
+/// - `floor`: the minimal raw SQL for the same server work, as a hand-written caller sends;
+/// - `same`: pglock's own statements, sent raw (the same round trips and server work);
+/// - `pglock`: the library.
+///
+/// `pglock / floor` is the whole cost of using pglock; `pglock / same` is the library's own
+/// client-side overhead; `same / floor` is the server time of its safety statements.
 struct Pair<'a> {
     name: &'static str,
     round_trips: u32,
     floor: Box<dyn FnMut() + 'a>,
+    same: Box<dyn FnMut() + 'a>,
     pglock: Box<dyn FnMut() + 'a>,
 }
 
-/// The result of an interleaved A/B run.
+/// The result of an interleaved run.
 struct Ratio {
     floor: Duration,
+    same: Duration,
     pglock: Duration,
-    ratio: f64,
-    ratio_p25: f64,
-    ratio_p75: f64,
+    /// pglock / floor: median, p25, p75 of the per-round ratios.
+    ratio: [f64; 3],
+    /// pglock / same.
+    overhead: [f64; 3],
 }
 
-/// Alternates blocks of floor and pglock operations (swapping which goes first), and
-/// returns the medians of the per-op times and of the per-block ratios.
-fn interleaved(pair: &mut Pair<'_>, blocks: usize, per_block: usize) -> Ratio {
+/// Runs blocks of the three contenders in rotating order, and returns the medians of the
+/// per-op times and of the per-round ratios, so that drift hits all three alike.
+fn interleaved(pair: &mut Pair<'_>, rounds: usize, per_block: usize) -> Ratio {
     let time = |f: &mut dyn FnMut()| {
         let start = Instant::now();
         for _ in 0..per_block {
@@ -86,31 +95,42 @@ fn interleaved(pair: &mut Pair<'_>, blocks: usize, per_block: usize) -> Ratio {
         }
         start.elapsed() / per_block as u32
     };
-    // Warm both paths up first.
-    time(&mut *pair.floor);
-    time(&mut *pair.pglock);
-    let (mut floors, mut libs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for block in 0..blocks {
-        let (f, l) = if block % 2 == 0 {
-            let f = time(&mut *pair.floor);
-            (f, time(&mut *pair.pglock))
-        } else {
-            let l = time(&mut *pair.pglock);
-            (time(&mut *pair.floor), l)
-        };
-        floors.push(f);
-        libs.push(l);
-        ratios.push(l.as_secs_f64() / f.as_secs_f64());
+    for f in [&mut pair.floor, &mut pair.same, &mut pair.pglock] {
+        time(&mut **f); // warm up
     }
-    floors.sort();
-    libs.sort();
-    ratios.sort_by(|a, b| a.total_cmp(b));
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    let (mut ratios, mut overheads) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut t = [Duration::ZERO; 3];
+        for i in 0..3 {
+            let which = (round + i) % 3;
+            let f: &mut dyn FnMut() = match which {
+                0 => &mut *pair.floor,
+                1 => &mut *pair.same,
+                _ => &mut *pair.pglock,
+            };
+            t[which] = time(f);
+        }
+        for i in 0..3 {
+            times[i].push(t[i]);
+        }
+        ratios.push(t[2].as_secs_f64() / t[0].as_secs_f64());
+        overheads.push(t[2].as_secs_f64() / t[1].as_secs_f64());
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let quartiles = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        [v[v.len() / 2], v[v.len() / 4], v[v.len() * 3 / 4]]
+    };
     Ratio {
-        floor: floors[blocks / 2],
-        pglock: libs[blocks / 2],
-        ratio: ratios[blocks / 2],
-        ratio_p25: ratios[blocks / 4],
-        ratio_p75: ratios[blocks * 3 / 4],
+        floor: median(&mut times[0]),
+        same: median(&mut times[1]),
+        pglock: median(&mut times[2]),
+        ratio: quartiles(&mut ratios),
+        overhead: quartiles(&mut overheads),
     }
 }
 
@@ -131,8 +151,9 @@ fn round_trip(conn: &mut Client) -> Duration {
     samples[samples.len() / 2]
 }
 
-fn w1<'a>(floor: &'a mut Conn, lib: &'a mut Option<Conn>) -> Pair<'a> {
+fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut Option<Conn>) -> Pair<'a> {
     let mut rng_f = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng_s = Rng(0x1234_5678_9abc_def1);
     let mut rng_l = Rng(0xdead_beef_cafe_f00d);
     Pair {
         name: "W1 try_lock + unlock, random keys",
@@ -146,6 +167,15 @@ fn w1<'a>(floor: &'a mut Conn, lib: &'a mut Option<Conn>) -> Pair<'a> {
                 .simple_query(&format!("SELECT pg_advisory_unlock({k})"))
                 .unwrap();
         }),
+        same: Box::new(move || {
+            let k = rng_s.key();
+            same.simple_query(&format!("SELECT pg_catalog.pg_try_advisory_lock({k})"))
+                .unwrap();
+            same.simple_query(&format!(
+                "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock({k})"
+            ))
+            .unwrap();
+        }),
         pglock: Box::new(move || {
             let conn = lib.take().unwrap();
             let mut lock =
@@ -157,11 +187,24 @@ fn w1<'a>(floor: &'a mut Conn, lib: &'a mut Option<Conn>) -> Pair<'a> {
     }
 }
 
-fn w2<'a>(floor: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
+fn w2<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
     let k = lib.key().as_i64().unwrap();
     Pair {
         name: "W2 lock with lock_timeout + unlock",
         round_trips: 2,
+        same: Box::new(move || {
+            same.simple_query(&format!(
+                "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 5000; \
+                 SELECT pg_catalog.pg_advisory_lock({})",
+                k + 2
+            ))
+            .unwrap();
+            same.simple_query(&format!(
+                "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock({})",
+                k + 2
+            ))
+            .unwrap();
+        }),
         floor: Box::new(move || {
             floor
                 .simple_query(&format!(
@@ -180,11 +223,21 @@ fn w2<'a>(floor: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
     }
 }
 
-fn w3<'a>(floor: &'a mut Conn, lib: &'a mut TxLock) -> Pair<'a> {
+fn w3<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut TxLock) -> Pair<'a> {
     let k = lib.key().as_i64().unwrap();
     Pair {
         name: "W3 TxLock::with_lock, empty body",
         round_trips: 2,
+        same: Box::new(move || {
+            same.simple_query(&format!(
+                "BEGIN; SET LOCAL pglock.tx_lock = '{k2}'; SET LOCAL statement_timeout = 0; \
+                 SET LOCAL lock_timeout = 0; SELECT pg_catalog.pg_advisory_xact_lock({k2}); \
+                 SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT",
+                k2 = k + 2
+            ))
+            .unwrap();
+            same.simple_query("SHOW pglock.tx_lock; COMMIT").unwrap();
+        }),
         floor: Box::new(move || {
             floor
                 .simple_query(&format!("BEGIN; SELECT pg_advisory_xact_lock({})", k + 1))
@@ -197,6 +250,16 @@ fn w3<'a>(floor: &'a mut Conn, lib: &'a mut TxLock) -> Pair<'a> {
     }
 }
 
+/// Who takes the lock in a contention run.
+#[derive(Clone, Copy, PartialEq)]
+enum Contender {
+    /// `SELECT pg_advisory_lock(k)` and `SELECT pg_advisory_unlock(k)`.
+    Floor,
+    /// pglock's own statements, sent raw.
+    Same,
+    Pglock,
+}
+
 /// Statistics of a contention run.
 struct Handoffs {
     per_second: f64,
@@ -207,7 +270,7 @@ struct Handoffs {
 /// `threads` threads take turns on one key until `total` critical sections ran. The
 /// hand-off latency runs from the moment a holder starts its release to the moment the
 /// next holder's lock call returns.
-fn contend(pool: &Pool, threads: usize, total: usize, key: i64, raw: bool) -> Handoffs {
+fn contend(pool: &Pool, threads: usize, total: usize, key: i64, who: Contender) -> Handoffs {
     let released_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicUsize::new(0));
     let counter = Arc::new(AtomicUsize::new(0));
@@ -234,12 +297,25 @@ fn contend(pool: &Pool, threads: usize, total: usize, key: i64, raw: bool) -> Ha
                     done.fetch_add(1, Ordering::SeqCst) < total
                 };
                 let mark_release = || *released_at.lock().unwrap() = Some(Instant::now());
-                if raw {
+                if who != Contender::Pglock {
                     let mut conn = pool.get().unwrap();
-                    let (lock, unlock) = (
-                        format!("SELECT pg_advisory_lock({key})"),
-                        format!("SELECT pg_advisory_unlock({key})"),
-                    );
+                    let (lock, unlock) = if who == Contender::Floor {
+                        (
+                            format!("SELECT pg_advisory_lock({key})"),
+                            format!("SELECT pg_advisory_unlock({key})"),
+                        )
+                    } else {
+                        (
+                            format!(
+                                "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+                                 SELECT pg_catalog.pg_advisory_lock({key})"
+                            ),
+                            format!(
+                                "SET LOCAL statement_timeout = 0; \
+                                 SELECT pg_catalog.pg_advisory_unlock({key})"
+                            ),
+                        )
+                    };
                     barrier.wait();
                     loop {
                         conn.simple_query(&lock).unwrap();
@@ -319,11 +395,13 @@ fn main() {
     // W1-W3: criterion for absolute times, then the interleaved ratio.
     writeln!(
         report,
-        "| workload | round trips | floor µs/op | pglock µs/op | pglock / floor (p25-p75) |\n\
-         |---|---|---|---|---|"
+        "| workload | round trips | floor µs | pglock's statements, raw µs | pglock µs | \
+         pglock / floor (p25-p75) | pglock / its statements raw (p25-p75) |\n\
+         |---|---|---|---|---|---|---|"
     )
     .unwrap();
     let mut f = pool.get().unwrap();
+    let mut same = pool.get().unwrap();
     let mut lib_conn = Some(pool.get().unwrap());
     let mut session = SessionLock::with_options(
         &pool,
@@ -334,25 +412,30 @@ fn main() {
     let mut tx = TxLock::new(&pool, Rng(8).key()).unwrap();
     for which in 0..3 {
         let mut pair = match which {
-            0 => w1(&mut f, &mut lib_conn),
-            1 => w2(&mut f, &mut session),
-            _ => w3(&mut f, &mut tx),
+            0 => w1(&mut f, &mut same, &mut lib_conn),
+            1 => w2(&mut f, &mut same, &mut session),
+            _ => w3(&mut f, &mut same, &mut tx),
         };
         let mut group = criterion.benchmark_group(pair.name.split(' ').next().unwrap());
         group.bench_function("floor", |b| b.iter(&mut pair.floor));
+        group.bench_function("same_statements_raw", |b| b.iter(&mut pair.same));
         group.bench_function("pglock", |b| b.iter(&mut pair.pglock));
         group.finish();
-        let r = interleaved(&mut pair, 40, 200);
+        let r = interleaved(&mut pair, 60, 150);
         writeln!(
             report,
-            "| {} | {} | {} | {} | {:.3} ({:.3}-{:.3}) |",
+            "| {} | {} | {} | {} | {} | {:.3} ({:.3}-{:.3}) | {:.3} ({:.3}-{:.3}) |",
             pair.name,
             pair.round_trips,
             us(r.floor),
+            us(r.same),
             us(r.pglock),
-            r.ratio,
-            r.ratio_p25,
-            r.ratio_p75
+            r.ratio[0],
+            r.ratio[1],
+            r.ratio[2],
+            r.overhead[0],
+            r.overhead[1],
+            r.overhead[2]
         )
         .unwrap();
     }
@@ -365,14 +448,22 @@ fn main() {
     )
     .unwrap();
     let (mut floor_rate, mut lib_rate) = (0.0, 0.0);
-    for (name, raw) in [("floor", true), ("pglock", false)] {
-        // Run twice and keep the second, so both start from warm connections.
-        contend(&pool, 8, 500, Rng(9).key(), raw);
-        let h = contend(&pool, 8, 3000, Rng(9).key(), raw);
-        if raw {
-            floor_rate = h.per_second;
-        } else {
-            lib_rate = h.per_second;
+    for (name, who) in [
+        ("floor", Contender::Floor),
+        ("pglock's statements, raw", Contender::Same),
+        ("pglock", Contender::Pglock),
+    ] {
+        // Warm up, then keep the median of three runs.
+        contend(&pool, 8, 500, Rng(9).key(), who);
+        let mut runs: Vec<Handoffs> = (0..3)
+            .map(|_| contend(&pool, 8, 3000, Rng(9).key(), who))
+            .collect();
+        runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+        let h = runs.swap_remove(1);
+        match who {
+            Contender::Floor => floor_rate = h.per_second,
+            Contender::Pglock => lib_rate = h.per_second,
+            Contender::Same => {}
         }
         writeln!(
             report,
@@ -395,24 +486,25 @@ fn main() {
     // W5a: a session that already holds many keys.
     writeln!(
         report,
-        "\n| W5: keys the session already holds | floor µs/op | pglock µs/op | pglock / floor |\n\
+        "\n| W5: keys the session already holds | W1 floor µs | W1 pglock µs | pglock / floor |\n\
          |---|---|---|---|"
     )
     .unwrap();
     for held in [1, 100, 10_000] {
         let mut f = pool.get().unwrap();
+        let mut same = pool.get().unwrap();
         let mut l = pool.get().unwrap();
         // Pair-space keys no workload uses; the lock table has room for both sessions.
         f.batch_execute(&format!(
-            "SELECT count(pg_advisory_lock(-777, g)) FROM generate_series(1, {held})"
+            "SELECT count(pg_advisory_lock(-777, g)) FROM generate_series(1, {held}) g"
         ))
         .unwrap();
         l.batch_execute(&format!(
-            "SELECT count(pg_advisory_lock(-778, g)) FROM generate_series(1, {held})"
+            "SELECT count(pg_advisory_lock(-778, g)) FROM generate_series(1, {held}) g"
         ))
         .unwrap();
         let mut l = Some(l);
-        let r = interleaved(&mut w1(&mut f, &mut l), 20, 100);
+        let r = interleaved(&mut w1(&mut f, &mut same, &mut l), 21, 100);
         let mut l = l.unwrap();
         f.batch_execute("SELECT pg_advisory_unlock_all()").unwrap();
         l.batch_execute("SELECT pg_advisory_unlock_all()").unwrap();
@@ -421,7 +513,7 @@ fn main() {
             "| {held} | {} | {} | {:.3} |",
             us(r.floor),
             us(r.pglock),
-            r.ratio
+            r.ratio[0]
         )
         .unwrap();
     }
@@ -435,8 +527,8 @@ fn main() {
     .unwrap();
     for waiters in [1, 10, 100] {
         let key = Rng(10 + waiters as u64).key();
-        let floor = contend(&pool, waiters + 1, 1000, key, true);
-        let lib = contend(&pool, waiters + 1, 1000, key, false);
+        let floor = contend(&pool, waiters + 1, 1000, key, Contender::Floor);
+        let lib = contend(&pool, waiters + 1, 1000, key, Contender::Pglock);
         writeln!(
             report,
             "| {waiters} | {} / {} | {} / {} | {:.0} |",

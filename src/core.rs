@@ -7,11 +7,11 @@
 //! r2d2 discards the connection.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use postgres::{CancelToken, Client, SimpleQueryMessage, SimpleQueryRow};
+use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::cancel::{CancelHandle, CancelState, WaitEnd};
 use crate::error::{describe, Failure, LostReason};
@@ -50,104 +50,127 @@ pub(crate) enum Outcome {
 /// transaction that set it), and fails in an aborted transaction so that `COMMIT` never
 /// silently rolls back. It is a placeholder, not listed in `pg_settings`.
 const TX_MARKER: &str = "pglock.tx_lock";
+/// Reads the marker back, then commits.
+const TX_COMMIT: &str = "SHOW pglock.tx_lock; COMMIT";
 
 /// Ends this backend. The `ROLLBACK` first lets it run inside an aborted transaction,
 /// where any other statement fails with 25P02 (outside a transaction it only warns).
 const TERMINATE: &str =
     "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
 
-/// The statements of one lock, built once.
+/// The statements of one lock. Those of every lock and unlock are built once, when the
+/// lock is made; the rest when needed.
 #[derive(Debug)]
 struct Sql {
+    scope: Scope,
+    mode: LockMode,
+    /// The key as the functions' arguments: `42` or `1, 2`.
+    args: String,
+    /// Transaction locks: the marker's value (the key); empty for session locks.
+    marker: String,
     try_lock: String,
-    /// The wait statement is `wait_head`, the `lock_timeout` in ms (0: no bound), `wait_tail`.
-    wait_head: Cow<'static, str>,
-    wait_tail: String,
     /// The wait statement for the configured `lock_timeout`, or for no bound.
     wait_default: String,
-    /// Session locks: unlock.
+    /// Session locks: the unlock statement; empty for transaction locks.
     unlock: String,
-    /// Session locks: unlock, and tell whether a transaction is open (for early returns
-    /// and panics, which may leave one behind).
-    unlock_checked: String,
-    /// Transaction locks: the marker's value, and the commit batch that checks it.
-    marker: String,
-    commit: String,
-    /// Session locks: release the lock if a failed wait took it after all.
-    release_taken: String,
-    is_held: String,
 }
 
 impl Sql {
     fn new(scope: Scope, mode: LockMode, key: &LockKey, default_ms: u32) -> Sql {
         let args = key.sql_args();
         let m = mode.fn_suffix();
-        // Integers and commas only: safe inside a quoted literal.
-        let marker = args.replace(' ', "");
-        let held = format!(
-            "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
-             AND pid = pg_catalog.pg_backend_pid() AND classid = {} AND objid = {} \
-             AND objsubid = {} AND mode = '{}' AND granted",
-            key.classid(),
-            key.objid(),
-            key.objsubid(),
-            mode.pg_locks_mode()
-        );
-        // statement_timeout is lifted for the wait and the unlock, so that a short role- or
-        // session-level setting cannot cancel them. SET LOCAL keeps both changes inside the
-        // batch's own implicit transaction; a transaction lock's batch opens a transaction
-        // that outlives it, so it puts both settings back to their defaults itself.
-        let (try_lock, wait_head, wait_tail) = match scope {
+        let (marker, try_lock, unlock) = match scope {
             Scope::Session => (
+                String::new(),
                 format!("SELECT pg_catalog.pg_try_advisory_lock{m}({args})"),
-                Cow::Borrowed("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "),
-                format!("; SELECT pg_catalog.pg_advisory_lock{m}({args})"),
-            ),
-            Scope::Transaction => (
                 format!(
+                    "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock{m}({args})"
+                ),
+            ),
+            Scope::Transaction => {
+                // Integers and commas only: safe inside a quoted literal.
+                let marker = args.replace(' ', "");
+                let try_lock = format!(
                     "BEGIN; SET LOCAL {TX_MARKER} = '{marker}'; \
                      SELECT pg_catalog.pg_try_advisory_xact_lock{m}({args})"
-                ),
-                Cow::Owned(format!(
-                    "BEGIN; SET LOCAL {TX_MARKER} = '{marker}'; \
-                     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "
-                )),
-                format!(
-                    "; SELECT pg_catalog.pg_advisory_xact_lock{m}({args}); \
-                     SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
-                ),
-            ),
+                );
+                (marker, try_lock, String::new())
+            }
         };
         let mut sql = Sql {
-            try_lock,
-            wait_head,
-            wait_tail,
-            wait_default: String::new(),
-            unlock: format!(
-                "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock{m}({args})"
-            ),
-            // In one simple-protocol Query, now() (the transaction's start) equals
-            // statement_timestamp() unless a transaction was already open before it.
-            unlock_checked: format!(
-                "SET LOCAL statement_timeout = 0; \
-                 SELECT pg_catalog.pg_advisory_unlock{m}({args}), \
-                 pg_catalog.now() < pg_catalog.statement_timestamp()"
-            ),
-            commit: format!("SHOW {TX_MARKER}; COMMIT"),
+            scope,
+            mode,
+            args,
             marker,
-            release_taken: format!(
-                "SET LOCAL statement_timeout = 0; \
-                 SELECT pg_catalog.pg_advisory_unlock{m}({args}) {held}"
-            ),
-            is_held: format!("SELECT EXISTS (SELECT {held})"),
+            try_lock,
+            wait_default: String::new(),
+            unlock,
         };
         sql.wait_default = sql.wait(default_ms);
         sql
     }
 
     /// The wait statement with `lock_timeout` set to `ms` (0: no bound).
+    ///
+    /// statement_timeout is lifted for the wait (and the unlock), so that a short role- or
+    /// session-level setting cannot cancel them. SET LOCAL keeps both changes inside the
+    /// batch's own implicit transaction; a transaction lock's batch opens a transaction
+    /// that outlives it, so it puts both settings back to their defaults itself.
     fn wait(&self, ms: u32) -> String {
-        format!("{}{ms}{}", self.wait_head, self.wait_tail)
+        let (args, m) = (&self.args, self.mode.fn_suffix());
+        match self.scope {
+            Scope::Session => format!(
+                "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = {ms}; \
+                 SELECT pg_catalog.pg_advisory_lock{m}({args})"
+            ),
+            Scope::Transaction => format!(
+                "BEGIN; SET LOCAL {TX_MARKER} = '{}'; \
+                 SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = {ms}; \
+                 SELECT pg_catalog.pg_advisory_xact_lock{m}({args}); \
+                 SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT",
+                self.marker
+            ),
+        }
+    }
+
+    /// Session locks: unlock, and tell whether a transaction is open. In one
+    /// simple-protocol Query, now() (the transaction's start) equals statement_timestamp()
+    /// unless a transaction was already open before it.
+    fn unlock_checked(&self) -> String {
+        format!(
+            "SET LOCAL statement_timeout = 0; \
+             SELECT pg_catalog.pg_advisory_unlock{}({}), \
+             pg_catalog.now() < pg_catalog.statement_timestamp()",
+            self.mode.fn_suffix(),
+            self.args
+        )
+    }
+
+    /// This session's row for the lock in `pg_locks`, as a `FROM ... WHERE` clause.
+    fn held(&self, key: &LockKey) -> String {
+        format!(
+            "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_catalog.pg_backend_pid() AND classid = {} AND objid = {} \
+             AND objsubid = {} AND mode = '{}' AND granted",
+            key.classid(),
+            key.objid(),
+            key.objsubid(),
+            self.mode.pg_locks_mode()
+        )
+    }
+
+    /// Session locks: release the lock if a failed wait took it after all.
+    fn release_taken(&self, key: &LockKey) -> String {
+        format!(
+            "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock{}({}) {}",
+            self.mode.fn_suffix(),
+            self.args,
+            self.held(key)
+        )
+    }
+
+    fn is_held(&self, key: &LockKey) -> String {
+        format!("SELECT EXISTS (SELECT {})", self.held(key))
     }
 }
 
@@ -160,19 +183,16 @@ pub(crate) struct Core {
     lock_timeout: Option<Duration>,
     default_ms: u32,
     wait_mode: WaitMode,
-    cancel: Arc<CancelState>,
+    /// Made by the first `cancel_handle()`: until then nobody can cancel, and waits skip
+    /// the bookkeeping.
+    cancel: OnceLock<Arc<CancelState>>,
     sql: Sql,
     /// A guard is out: the session lock is held, or the lock's transaction is open.
     held: bool,
 }
 
 impl Core {
-    pub(crate) fn new(
-        scope: Scope,
-        key: LockKey,
-        options: LockOptions,
-        token: CancelToken,
-    ) -> Result<Core> {
+    pub(crate) fn new(scope: Scope, key: LockKey, options: LockOptions) -> Result<Core> {
         options.validate(&key)?;
         let default_ms = match options.lock_timeout {
             Some(t) => timeout_ms(&key, "lock_timeout", t)?,
@@ -180,7 +200,7 @@ impl Core {
         };
         Ok(Core {
             sql: Sql::new(scope, options.mode, &key, default_ms),
-            cancel: CancelState::new(key.clone(), token),
+            cancel: OnceLock::new(),
             key,
             mode: options.mode,
             scope,
@@ -211,8 +231,17 @@ impl Core {
         self.held
     }
 
-    pub(crate) fn cancel_handle(&self) -> CancelHandle {
-        self.cancel.handle()
+    /// A handle on this lock's cancellation state, made on first use. No wait can be in
+    /// progress here: waits take the lock by `&mut`.
+    pub(crate) fn cancel_handle(&self, client: &Client) -> CancelHandle {
+        self.cancel
+            .get_or_init(|| CancelState::new(self.key.clone(), client.cancel_token()))
+            .handle()
+    }
+
+    /// Fails if the lock was cancelled.
+    fn check_cancelled(&self) -> Result<()> {
+        self.cancel.get().map_or(Ok(()), |c| c.check())
     }
 
     /// The limit of a blocking `lock()`: the configured `lock_timeout`.
@@ -238,7 +267,7 @@ impl Core {
     /// other return the connection holds nothing new.
     pub(crate) fn acquire(&mut self, client: &mut Client, limit: Limit) -> Result<Outcome> {
         debug_assert!(!self.held, "acquire while a guard is out");
-        self.cancel.check()?;
+        self.check_cancelled()?;
         let start = Instant::now();
         let outcome = match (limit, self.wait_mode) {
             (Limit::Try, _) => self.try_once(client)?,
@@ -254,7 +283,7 @@ impl Core {
         match outcome {
             Outcome::Locked => {
                 self.held = true;
-                if self.cancel.check().is_err() {
+                if self.check_cancelled().is_err() {
                     // Cancelled while the lock was being granted: hand out nothing.
                     self.release_quietly(client);
                     return Err(self.cancelled());
@@ -318,9 +347,14 @@ impl Core {
             _ if self.default_ms == 0 => Cow::Borrowed(self.sql.wait_default.as_str()),
             _ => Cow::Owned(self.sql.wait(0)),
         };
-        self.cancel.begin_server_wait()?;
+        if let Some(cancel) = self.cancel.get() {
+            cancel.begin_server_wait()?;
+        }
         let result = query_row(client, &sql);
-        let end = self.cancel.end_server_wait();
+        let end = self
+            .cancel
+            .get()
+            .map_or(WaitEnd::Normal, |c| c.end_server_wait());
         if end == WaitEnd::CancelRequestSent {
             // The cancel request may land on a later statement, and the lock may have been
             // granted as it arrived: trust nothing on this session any more.
@@ -364,7 +398,10 @@ impl Core {
                 }
                 sleep = sleep.min(bound - waited);
             }
-            self.cancel.sleep(sleep)?;
+            match self.cancel.get() {
+                Some(cancel) => cancel.sleep(sleep)?,
+                None => std::thread::sleep(sleep),
+            }
         }
     }
 
@@ -375,7 +412,13 @@ impl Core {
     /// in `pg_locks` and released if it was taken.
     fn failed_acquire(&mut self, client: &mut Client, e: postgres::Error) -> Error {
         let failure = failure_of(client, &e);
-        if failure != Failure::Closed {
+        // A deadlock aborts the wait and a full lock table refuses it: neither grants the
+        // lock, and scanning pg_locks with a full lock table is slow.
+        let may_hold = !matches!(
+            failure,
+            Failure::Closed | Failure::Deadlock | Failure::OutOfSharedMemory
+        );
+        if may_hold || (self.scope == Scope::Transaction && failure != Failure::Closed) {
             let cleaned = match self.scope {
                 Scope::Transaction => self.end_transaction(client, "after a failed lock"),
                 Scope::Session => self.release_taken(client),
@@ -386,7 +429,7 @@ impl Core {
         }
         let key = self.key.clone();
         match failure {
-            Failure::Canceled if self.cancel.check().is_err() => Error::Cancelled { key },
+            Failure::Canceled if self.check_cancelled().is_err() => Error::Cancelled { key },
             Failure::Deadlock => Error::Deadlock { key, source: e },
             Failure::OutOfSharedMemory => Error::LockTableFull { key, source: e },
             _ => Error::Database {
@@ -399,7 +442,7 @@ impl Core {
 
     /// Releases the session lock if a failed wait took it after all.
     fn release_taken(&mut self, client: &mut Client) -> Result<()> {
-        match run_retrying(client, &self.sql.release_taken) {
+        match run_retrying(client, &self.sql.release_taken(&self.key)) {
             Ok(messages) => {
                 if messages
                     .iter()
@@ -462,8 +505,10 @@ impl Core {
         self.held = false;
         let mut retried = false;
         loop {
+            let checked;
             let sql = if check_transaction {
-                &self.sql.unlock_checked
+                checked = self.sql.unlock_checked();
+                &checked
             } else {
                 &self.sql.unlock
             };
@@ -527,7 +572,7 @@ impl Core {
         // SHOW runs first: in a failed transaction it fails (25P02) and COMMIT does not
         // run, instead of COMMIT silently rolling back; and it reads back the marker,
         // which is gone if the critical section ended the lock's transaction.
-        match query_row(client, &self.sql.commit) {
+        match query_row(client, TX_COMMIT) {
             Ok(row) if column(row.as_ref(), 0) == Some(self.sql.marker.as_str()) => {
                 debug!("committed and unlocked {}", self.key);
                 Ok(())
@@ -566,7 +611,7 @@ impl Core {
 
     /// Asks the server whether this session holds the lock.
     pub(crate) fn is_held(&self, client: &mut Client) -> Result<bool> {
-        match query_row(client, &self.sql.is_held) {
+        match query_row(client, &self.sql.is_held(&self.key)) {
             Ok(row) => Ok(column(row.as_ref(), 0) == Some("t")),
             Err(e) if failure_of(client, &e) == Failure::Closed => Ok(false),
             Err(e) => Err(self.database("is_held", e)),
@@ -728,9 +773,12 @@ mod tests {
             "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 1500; \
              SELECT pg_catalog.pg_advisory_lock(42)"
         );
-        assert!(sql.unlock.contains("pg_catalog.pg_advisory_unlock(42)"));
+        assert_eq!(
+            sql.unlock,
+            "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock(42)"
+        );
         assert!(sql
-            .is_held
+            .is_held(&LockKey::new(42))
             .contains("classid = 0 AND objid = 42 AND objsubid = 1 AND mode = 'ExclusiveLock'"));
     }
 
@@ -754,8 +802,8 @@ mod tests {
              SELECT pg_catalog.pg_advisory_xact_lock_shared(1, -1); \
              SET LOCAL lock_timeout TO DEFAULT; SET LOCAL statement_timeout TO DEFAULT"
         );
-        assert_eq!(sql.commit, "SHOW pglock.tx_lock; COMMIT");
-        assert!(sql.is_held.contains(
+        assert_eq!(TX_COMMIT, format!("SHOW {TX_MARKER}; COMMIT"));
+        assert!(sql.is_held(&LockKey::pair(1, -1)).contains(
             "classid = 1 AND objid = 4294967295 AND objsubid = 2 AND mode = 'ShareLock'"
         ));
     }

@@ -141,8 +141,7 @@ where
         key: impl Into<LockKey>,
         options: LockOptions,
     ) -> Result<Self> {
-        let token = conn.cancel_token();
-        let core = Core::new(Scope::Transaction, key.into(), options, token)?;
+        let core = Core::new(Scope::Transaction, key.into(), options)?;
         Ok(TxLock { conn, core })
     }
 
@@ -327,7 +326,7 @@ where
 
     /// A handle that cancels this lock's waits from another thread. See [`CancelHandle`].
     pub fn cancel_handle(&self) -> CancelHandle {
-        self.core.cancel_handle()
+        self.core.cancel_handle(&self.conn)
     }
 
     /// The lock's key.
