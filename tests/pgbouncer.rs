@@ -1,0 +1,114 @@
+//! Behind a real PgBouncer in `pool_mode = transaction` (started by `ci/with-postgres`),
+//! each transaction may run on any server session. `TxLock` keeps the lock and the work in
+//! one transaction, so it still excludes; this is the mode to use behind such a pooler.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use common::{count, counter, pool_with};
+use pglock::{Error, LockOptions, TxGuard, TxLock};
+
+/// PgBouncer in transaction mode, in front of the test server.
+fn pgbouncer_config() -> postgres::Config {
+    let url = std::env::var("PGBOUNCER_URL").unwrap_or_else(|_| {
+        panic!(
+            "\n\nPGBOUNCER_URL is not set: this test needs a PgBouncer in pool_mode = \
+             transaction.\nRun the tests through ci/with-postgres, which starts one (and \
+             installs Debian's pgbouncer package when run as root), or install pgbouncer \
+             and run it in front of DATABASE_URL yourself.\n\n"
+        )
+    });
+    url.parse().expect("PGBOUNCER_URL")
+}
+
+/// The increment of `common::increment`, in simple-protocol statements only: named
+/// prepared statements do not survive a transaction-mode pooler.
+fn increment_simple(conn: &mut postgres::Client, name: &str) {
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT n FROM pglock_test_counters WHERE name = '{name}'"
+        ))
+        .unwrap();
+    let n: i32 = rows
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    std::thread::yield_now();
+    conn.simple_query(&format!(
+        "UPDATE pglock_test_counters SET n = {} WHERE name = '{name}'",
+        n + 1
+    ))
+    .unwrap();
+}
+
+#[test]
+fn transaction_locks_exclude_behind_a_transaction_pooler() {
+    let name = "pgbouncer-tx-counter";
+    let mut admin = common::admin();
+    counter(&mut admin, name);
+    // Eight clients, but PgBouncer gives them four server sessions between them.
+    let pool = pool_with(8, pgbouncer_config());
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, barrier) = (pool.clone(), Arc::clone(&barrier));
+            thread::spawn(move || {
+                let mut lock = TxLock::new(&pool, name).unwrap();
+                barrier.wait();
+                for _ in 0..50 {
+                    lock.with_lock(|tx| -> Result<(), Error> {
+                        increment_simple(tx, name);
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(
+        count(&mut admin, name),
+        400,
+        "lost increments behind PgBouncer"
+    );
+}
+
+#[test]
+fn transaction_lock_checks_work_behind_a_transaction_pooler() {
+    let key = unique_key!();
+    let pool = pool_with(2, pgbouncer_config());
+    let mut a = TxLock::new(&pool, key.clone()).unwrap();
+    let mut b = TxLock::with_options(
+        &pool,
+        key.clone(),
+        LockOptions::new().lock_timeout(Duration::from_millis(100)),
+    )
+    .unwrap();
+
+    let mut guard = a.lock().unwrap();
+    assert!(
+        TxGuard::is_held(&mut guard).unwrap(),
+        "is_held in the lock's transaction"
+    );
+    assert!(b.try_lock().unwrap().is_none());
+    assert!(matches!(b.lock(), Err(Error::Timeout { .. })));
+    // The marker check at commit works on whichever server session ran the transaction.
+    TxGuard::commit(guard).unwrap();
+    TxGuard::commit(b.try_lock().unwrap().expect("free after the commit")).unwrap();
+
+    // A transaction ended inside the critical section is still caught.
+    let mut guard = a.lock().unwrap();
+    guard.batch_execute("COMMIT").unwrap();
+    assert!(matches!(
+        TxGuard::commit(guard),
+        Err(Error::LockLost { .. })
+    ));
+}
