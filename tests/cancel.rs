@@ -203,15 +203,6 @@ fn cancel_racing_a_release_never_leaves_a_lock_behind() {
     eprintln!("granted {granted}, cancelled {cancelled}");
 }
 
-/// A table for `CREATE INDEX CONCURRENTLY`, of the calling test's own.
-fn table_for_index(admin: &mut postgres::Client, name: &str) {
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (x int)"
-        ))
-        .unwrap();
-}
-
 #[test]
 fn a_server_wait_that_deadlocks_with_create_index_concurrently_is_told_so() {
     // The deadlock migration runners meet: the holder builds an index concurrently, which
@@ -221,7 +212,7 @@ fn a_server_wait_that_deadlocks_with_create_index_concurrently_is_told_so() {
     let key = unique_key!();
     let pool = pool(2);
     let mut admin = admin();
-    table_for_index(&mut admin, "pglock_cic_deadlock");
+    common::fresh_table(&mut admin, "pglock_cic_deadlock");
     let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
     let mut guard = holder.lock().unwrap();
 
@@ -255,7 +246,7 @@ fn a_polling_waiter_lets_create_index_concurrently_finish() {
     let key = unique_key!();
     let pool = pool(2);
     let mut admin = admin();
-    table_for_index(&mut admin, "pglock_cic_poll");
+    common::fresh_table(&mut admin, "pglock_cic_poll");
     let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
     let mut guard = holder.lock().unwrap();
 

@@ -21,7 +21,14 @@ const ITERATIONS: usize = 200;
 /// What a child prints once it holds the lock.
 const LOCKED: &str = "PGLOCK-CHILD-LOCKED";
 
-fn run_threads(name: &str, threads: usize, iterations: usize, work: fn(&common::Pool, &str)) {
+/// Runs `work` `iterations` times on each of `threads` threads, all starting together, on
+/// the counter `name`; returns the counter's final value.
+fn run_threads(
+    name: &str,
+    threads: usize,
+    iterations: usize,
+    work: fn(&common::Pool, &str),
+) -> i32 {
     let mut admin = admin();
     counter(&mut admin, name);
     let pool = pool(threads as u32);
@@ -40,38 +47,16 @@ fn run_threads(name: &str, threads: usize, iterations: usize, work: fn(&common::
     for h in handles {
         h.join().unwrap();
     }
-    assert_eq!(
-        count(&mut admin, name),
-        (threads * iterations) as i32,
-        "lost increments"
-    );
+    count(&mut admin, name)
 }
 
 #[test]
 fn without_a_lock_the_same_work_loses_increments() {
     // The control: the read-modify-write of these tests does race, so their exact counts
     // come from the locks.
-    let name = function_name!();
-    let mut admin = admin();
-    counter(&mut admin, name);
-    let pool = pool(THREADS as u32);
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (pool, barrier) = (pool.clone(), Arc::clone(&barrier));
-            thread::spawn(move || {
-                let mut conn = pool.get().unwrap();
-                barrier.wait();
-                for _ in 0..ITERATIONS {
-                    increment(&mut conn, name);
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    let n = count(&mut admin, name);
+    let n = run_threads(function_name!(), THREADS, ITERATIONS, |pool, name| {
+        increment(&mut pool.get().unwrap(), name);
+    });
     eprintln!("without a lock: {n} of {}", THREADS * ITERATIONS);
     assert!(
         n < (THREADS * ITERATIONS) as i32,
@@ -82,18 +67,19 @@ fn without_a_lock_the_same_work_loses_increments() {
 #[test]
 fn threads_never_overlap_under_a_session_lock() {
     let name = function_name!();
-    run_threads(name, THREADS, ITERATIONS, |pool, name| {
+    let n = run_threads(name, THREADS, ITERATIONS, |pool, name| {
         let mut lock = SessionLock::new(pool, name).unwrap();
         let mut guard = lock.lock().unwrap();
         increment(&mut guard, name);
         SessionGuard::unlock(guard).unwrap();
     });
+    assert_eq!(n, (THREADS * ITERATIONS) as i32, "lost increments");
 }
 
 #[test]
 fn threads_never_overlap_under_a_transaction_lock() {
     let name = function_name!();
-    run_threads(name, THREADS, ITERATIONS, |pool, name| {
+    let n = run_threads(name, THREADS, ITERATIONS, |pool, name| {
         let mut lock = TxLock::new(pool, name).unwrap();
         lock.with_lock(|tx| -> Result<(), pglock::Error> {
             increment(tx, name);
@@ -101,12 +87,13 @@ fn threads_never_overlap_under_a_transaction_lock() {
         })
         .unwrap();
     });
+    assert_eq!(n, (THREADS * ITERATIONS) as i32, "lost increments");
 }
 
 #[test]
 fn threads_never_overlap_when_polling() {
     let name = function_name!();
-    run_threads(name, 4, 50, |pool, name| {
+    let n = run_threads(name, 4, 50, |pool, name| {
         let options = LockOptions::new().wait_mode(WaitMode::Poll {
             min_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(4),
@@ -118,6 +105,7 @@ fn threads_never_overlap_when_polling() {
         })
         .unwrap();
     });
+    assert_eq!(n, 200, "lost increments");
 }
 
 #[test]

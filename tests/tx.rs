@@ -11,14 +11,6 @@ use common::{admin, backend_pid, backend_state, holders, pool, pool_with, wait_f
 use pglock::{Error, LockOptions, LostReason, TxGuard, TxLock};
 use postgres::Client;
 
-fn table(admin: &mut Client, name: &str) {
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (x int)"
-        ))
-        .unwrap();
-}
-
 fn rows(admin: &mut Client, name: &str) -> i64 {
     admin
         .query_one(&format!("SELECT count(*) FROM {name}"), &[])
@@ -31,7 +23,7 @@ fn commit_publishes_the_work_and_frees_the_lock_at_once() {
     let key = unique_key!();
     let pool = pool(1);
     let mut admin = admin();
-    table(&mut admin, "pglock_tx_commit");
+    common::fresh_table(&mut admin, "pglock_tx_commit");
     let mut lock = TxLock::new(&pool, key.clone()).unwrap();
 
     let mut guard = lock.lock().unwrap();
@@ -60,7 +52,7 @@ fn rollback_and_drop_undo_the_work_and_free_the_lock() {
     let key = unique_key!();
     let pool = pool(1);
     let mut admin = admin();
-    table(&mut admin, "pglock_tx_rollback");
+    common::fresh_table(&mut admin, "pglock_tx_rollback");
     let mut lock = TxLock::new(&pool, key.clone()).unwrap();
 
     let mut guard = lock.lock().unwrap();
@@ -84,7 +76,7 @@ fn with_lock_commits_on_ok_and_rolls_back_on_err_and_panic() {
     let key = unique_key!();
     let pool = pool(1);
     let mut admin = admin();
-    table(&mut admin, "pglock_tx_with_lock");
+    common::fresh_table(&mut admin, "pglock_tx_with_lock");
     let mut lock = TxLock::new(&pool, key.clone()).unwrap();
 
     lock.with_lock(|tx| -> Result<(), Error> {

@@ -161,6 +161,15 @@ pub fn wait_for_waiters(admin: &mut Client, key: &LockKey, n: usize) {
     );
 }
 
+/// Drops and re-creates a one-column table `name (x int)`, for tests that need their own.
+pub fn fresh_table(admin: &mut Client, name: &str) {
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (x int)"
+        ))
+        .expect("create the table");
+}
+
 /// A table of named counters for read-modify-write races, created once.
 pub fn counter(admin: &mut Client, name: &str) {
     admin
