@@ -266,7 +266,12 @@ impl Core {
     /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
     /// other return the connection holds nothing new.
     pub(crate) fn acquire(&mut self, client: &mut Client, limit: Limit) -> Result<Outcome> {
-        debug_assert!(!self.held, "acquire while a guard is out");
+        if self.held {
+            // Only after a guard was leaked with `mem::forget`: release its lock first, or
+            // a session lock would stack a second level on the server that one unlock
+            // does not free.
+            self.release_quietly(client);
+        }
         self.check_cancelled()?;
         let start = Instant::now();
         let outcome = match (limit, self.wait_mode) {

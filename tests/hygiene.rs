@@ -171,6 +171,13 @@ fn session_lock_paths_leave_the_connection_clean() {
     std::mem::forget(lock.lock().unwrap());
     drop(lock.into_connection());
     assert_clean(&pool, "guard leaked, then into_connection");
+
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    std::mem::forget(lock.lock().unwrap());
+    let guard = lock.lock().expect("lock again after a leaked guard");
+    SessionGuard::unlock(guard).unwrap();
+    drop(lock);
+    assert_clean(&pool, "guard leaked, then locked and unlocked again");
 }
 
 #[test]
@@ -236,4 +243,11 @@ fn transaction_lock_paths_leave_the_connection_clean() {
     std::mem::forget(lock.lock().unwrap());
     drop(lock.into_connection());
     assert_clean(&pool, "guard leaked, then into_connection");
+
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+    std::mem::forget(lock.lock().unwrap());
+    let guard = lock.lock().expect("lock again after a leaked guard");
+    TxGuard::commit(guard).unwrap();
+    drop(lock);
+    assert_clean(&pool, "guard leaked, then locked and committed again");
 }
