@@ -266,12 +266,9 @@ impl Core {
     /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
     /// other return the connection holds nothing new.
     pub(crate) fn acquire(&mut self, client: &mut Client, limit: Limit) -> Result<Outcome> {
-        if self.held {
-            // Only after a guard was leaked with `mem::forget`: release its lock first, or
-            // a session lock would stack a second level on the server that one unlock
-            // does not free.
-            self.release_quietly(client);
-        }
+        // Release a leaked guard's lock first, or a session lock would stack a second level
+        // on the server that one unlock does not free.
+        self.release_leaked(client);
         self.check_cancelled()?;
         let start = Instant::now();
         let outcome = match (limit, self.wait_mode) {
@@ -482,15 +479,30 @@ impl Core {
         }
     }
 
+    /// Releases the lock however its scope needs: unlock (rolling back a transaction left
+    /// open), or roll back the lock's transaction.
+    fn release(&mut self, client: &mut Client) -> Result<()> {
+        match self.scope {
+            Scope::Session => self.unlock_session(client, true),
+            Scope::Transaction => self.rollback(client),
+        }
+    }
+
     /// Releases a lock that was taken but must not be handed out. Never fails: a release
     /// that cannot be confirmed ends the session.
     fn release_quietly(&mut self, client: &mut Client) {
-        let result = match self.scope {
-            Scope::Session => self.unlock_session(client, true),
-            Scope::Transaction => self.rollback(client),
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.release(client) {
             debug!("lock {}: release of an unwanted lock: {e}", self.key);
+        }
+    }
+
+    /// Releases the lock of a guard leaked with `mem::forget`, if there is one: before the
+    /// next acquisition, and before the connection leaves the lock (drop, `into_connection`).
+    pub(crate) fn release_leaked(&mut self, client: &mut Client) {
+        if self.held {
+            if let Err(e) = self.release(client) {
+                warn!("{e}");
+            }
         }
     }
 

@@ -318,12 +318,8 @@ where
     /// ```
     pub fn into_connection(self) -> PooledConnection<M> {
         let mut this = ManuallyDrop::new(self);
-        if this.core.is_held_flag() {
-            let lock = &mut *this;
-            if let Err(e) = lock.core.unlock_session(&mut lock.conn, true) {
-                warn!("{e}");
-            }
-        }
+        let lock = &mut *this;
+        lock.core.release_leaked(&mut lock.conn);
         // SAFETY: `this` is never used or dropped again: each field is moved out or
         // dropped exactly once, which is what dropping `self` without `Drop` would do.
         unsafe {
@@ -375,12 +371,8 @@ where
     M: ManageConnection<Connection = Client>,
 {
     fn drop(&mut self) {
-        // Only reached with the lock held if a guard was leaked with `mem::forget`.
-        if self.core.is_held_flag() {
-            if let Err(e) = self.core.unlock_session(&mut self.conn, true) {
-                warn!("{e}");
-            }
-        }
+        // Only has work if a guard was leaked with `mem::forget`.
+        self.core.release_leaked(&mut self.conn);
     }
 }
 

@@ -310,12 +310,8 @@ where
     /// ```
     pub fn into_connection(self) -> PooledConnection<M> {
         let mut this = ManuallyDrop::new(self);
-        if this.core.is_held_flag() {
-            let lock = &mut *this;
-            if let Err(e) = lock.core.rollback(&mut lock.conn) {
-                warn!("{e}");
-            }
-        }
+        let lock = &mut *this;
+        lock.core.release_leaked(&mut lock.conn);
         // SAFETY: `this` is never used or dropped again: each field is moved out or
         // dropped exactly once, which is what dropping `self` without `Drop` would do.
         unsafe {
@@ -366,12 +362,8 @@ where
     M: ManageConnection<Connection = Client>,
 {
     fn drop(&mut self) {
-        // Only reached with the transaction open if a guard was leaked with `mem::forget`.
-        if self.core.is_held_flag() {
-            if let Err(e) = self.core.rollback(&mut self.conn) {
-                warn!("{e}");
-            }
-        }
+        // Only has work if a guard was leaked with `mem::forget`.
+        self.core.release_leaked(&mut self.conn);
     }
 }
 
