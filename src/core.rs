@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use r2d2::{ManageConnection, Pool, PooledConnection};
 
 use crate::cancel::{CancelHandle, CancelState, WaitEnd};
 use crate::error::{describe, Failure, LostReason};
@@ -208,6 +209,17 @@ impl Core {
             default_ms,
             wait_mode: options.wait_mode,
             held: false,
+        })
+    }
+
+    /// Checks a connection out of `pool` for this lock.
+    pub(crate) fn checkout<M>(&self, pool: &Pool<M>) -> Result<PooledConnection<M>>
+    where
+        M: ManageConnection,
+    {
+        pool.get().map_err(|source| Error::Pool {
+            key: self.key.clone(),
+            source,
         })
     }
 

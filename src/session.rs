@@ -115,13 +115,9 @@ where
         key: impl Into<LockKey>,
         options: LockOptions,
     ) -> Result<Self> {
-        let key = key.into();
-        options.validate(&key)?;
-        let conn = pool.get().map_err(|source| Error::Pool {
-            key: key.clone(),
-            source,
-        })?;
-        Self::from_connection(conn, key, options)
+        let core = Core::new(Scope::Session, key.into(), options)?;
+        let conn = core.checkout(pool)?;
+        Ok(SessionLock { conn, core })
     }
 
     /// Makes a lock on `key` that uses a connection the caller already checked out.

@@ -110,13 +110,9 @@ where
         key: impl Into<LockKey>,
         options: LockOptions,
     ) -> Result<Self> {
-        let key = key.into();
-        options.validate(&key)?;
-        let conn = pool.get().map_err(|source| Error::Pool {
-            key: key.clone(),
-            source,
-        })?;
-        Self::from_connection(conn, key, options)
+        let core = Core::new(Scope::Transaction, key.into(), options)?;
+        let conn = core.checkout(pool)?;
+        Ok(TxLock { conn, core })
     }
 
     /// Makes a transaction lock on `key` that uses a connection the caller already checked
