@@ -179,8 +179,6 @@ impl Sql {
 #[derive(Debug)]
 pub(crate) struct Core {
     key: LockKey,
-    mode: LockMode,
-    scope: Scope,
     lock_timeout: Option<Duration>,
     default_ms: u32,
     wait_mode: WaitMode,
@@ -203,8 +201,6 @@ impl Core {
             sql: Sql::new(scope, options.mode, &key, default_ms),
             cancel: OnceLock::new(),
             key,
-            mode: options.mode,
-            scope,
             lock_timeout: options.lock_timeout,
             default_ms,
             wait_mode: options.wait_mode,
@@ -228,7 +224,7 @@ impl Core {
     }
 
     pub(crate) fn mode(&self) -> LockMode {
-        self.mode
+        self.sql.mode
     }
 
     pub(crate) fn lock_timeout(&self) -> Option<Duration> {
@@ -305,8 +301,8 @@ impl Core {
                 debug!(
                     "locked {} ({:?}, {:?}) after {:?}",
                     self.key,
-                    self.mode,
-                    self.scope,
+                    self.sql.mode,
+                    self.sql.scope,
                     start.elapsed()
                 );
             }
@@ -333,7 +329,7 @@ impl Core {
         if column(row.as_ref(), 0) == Some("t") {
             return Ok(Outcome::Locked);
         }
-        if self.scope == Scope::Transaction {
+        if self.sql.scope == Scope::Transaction {
             // The try opened a transaction; end it before reporting "busy".
             self.end_transaction(client, "after a failed try")?;
         }
@@ -426,20 +422,18 @@ impl Core {
     /// in `pg_locks` and released if it was taken.
     fn failed_acquire(&mut self, client: &mut Client, e: postgres::Error) -> Error {
         let failure = failure_of(client, &e);
-        // A deadlock aborts the wait and a full lock table refuses it: neither grants the
-        // lock, and scanning pg_locks with a full lock table is slow.
-        let may_hold = !matches!(
-            failure,
-            Failure::Closed | Failure::Deadlock | Failure::OutOfSharedMemory
-        );
-        if may_hold || (self.scope == Scope::Transaction && failure != Failure::Closed) {
-            let cleaned = match self.scope {
-                Scope::Transaction => self.end_transaction(client, "after a failed lock"),
-                Scope::Session => self.release_taken(client),
-            };
-            if let Err(cleanup) = cleaned {
-                debug!("lock {}: cleanup after a failed lock: {cleanup}", self.key);
-            }
+        let cleaned = match (self.sql.scope, failure) {
+            // The session is gone, and everything it held with it.
+            (_, Failure::Closed) => Ok(()),
+            // The failed batch left its transaction open (aborted): end it.
+            (Scope::Transaction, _) => self.end_transaction(client, "after a failed lock"),
+            // A deadlock aborts the wait and a full lock table refuses it: neither grants
+            // the lock, and scanning pg_locks with a full lock table is slow.
+            (Scope::Session, Failure::Deadlock | Failure::OutOfSharedMemory) => Ok(()),
+            (Scope::Session, _) => self.release_taken(client),
+        };
+        if let Err(cleanup) = cleaned {
+            debug!("lock {}: cleanup after a failed lock: {cleanup}", self.key);
         }
         let key = self.key.clone();
         match failure {
@@ -494,7 +488,7 @@ impl Core {
     /// Releases the lock however its scope needs: unlock (rolling back a transaction left
     /// open), or roll back the lock's transaction.
     fn release(&mut self, client: &mut Client) -> Result<()> {
-        match self.scope {
+        match self.sql.scope {
             Scope::Session => self.unlock_session(client, true),
             Scope::Transaction => self.rollback(client),
         }
@@ -527,7 +521,7 @@ impl Core {
         client: &mut Client,
         check_transaction: bool,
     ) -> Result<()> {
-        debug_assert_eq!(self.scope, Scope::Session);
+        debug_assert_eq!(self.sql.scope, Scope::Session);
         if !self.held {
             return Ok(());
         }
@@ -593,7 +587,7 @@ impl Core {
 
     /// Commits the lock's transaction, which ends the transaction lock.
     pub(crate) fn commit(&mut self, client: &mut Client) -> Result<()> {
-        debug_assert_eq!(self.scope, Scope::Transaction);
+        debug_assert_eq!(self.sql.scope, Scope::Transaction);
         if !self.held {
             return Ok(());
         }
@@ -628,7 +622,7 @@ impl Core {
 
     /// Rolls back the lock's transaction, which ends the transaction lock.
     pub(crate) fn rollback(&mut self, client: &mut Client) -> Result<()> {
-        debug_assert_eq!(self.scope, Scope::Transaction);
+        debug_assert_eq!(self.sql.scope, Scope::Transaction);
         if !self.held {
             return Ok(());
         }
