@@ -7,36 +7,10 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{admin, advisory_locks_of, backend_pid, holders, pool, wait_for_waiters, waiters};
-use pglock::{Error, LockOptions, SessionLock, TxLock, WaitMode};
-
-/// Starts a waiter on `key` in a thread; returns its cancel handle, backend pid and result.
-fn spawn_waiter(
-    pool: &common::Pool,
-    key: &pglock::LockKey,
-    options: LockOptions,
-    transaction: bool,
-) -> (pglock::CancelHandle, i32, mpsc::Receiver<Result<(), Error>>) {
-    let (setup_tx, setup_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-    let pool = pool.clone();
-    let key = key.clone();
-    thread::spawn(move || {
-        let mut conn = pool.get().unwrap();
-        let pid = backend_pid(&mut conn);
-        if transaction {
-            let mut lock = TxLock::from_connection(conn, key, options).unwrap();
-            setup_tx.send((lock.cancel_handle(), pid)).unwrap();
-            done_tx.send(lock.lock().map(|_| ())).unwrap();
-        } else {
-            let mut lock = SessionLock::from_connection(conn, key, options).unwrap();
-            setup_tx.send((lock.cancel_handle(), pid)).unwrap();
-            done_tx.send(lock.lock().map(|_| ())).unwrap();
-        }
-    });
-    let (handle, pid) = setup_rx.recv().unwrap();
-    (handle, pid, done_rx)
-}
+use common::{
+    admin, advisory_locks_of, backend_pid, holders, pool, spawn_waiter, wait_for_waiters, waiters,
+};
+use pglock::{Error, LockOptions, SessionLock, WaitMode};
 
 #[test]
 fn cancelling_a_server_wait_returns_cancelled_and_holds_nothing() {

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
 use common::{admin, backend_pid, pool, pool_with, wait_for_waiters, Pool};
@@ -63,23 +61,12 @@ fn while_held<R>(key: &LockKey, f: impl FnOnce() -> R) -> R {
 
 /// Runs a blocking `lock()` in a thread and cancels it once it is queued on the server.
 fn cancel_a_wait(pool: &Pool, key: &LockKey, transaction: bool) -> Error {
-    let (handle_tx, handle_rx) = mpsc::channel();
-    let (pool, waiter_key) = (pool.clone(), key.clone());
-    let waiter = thread::spawn(move || {
-        if transaction {
-            let mut lock = TxLock::new(&pool, waiter_key).unwrap();
-            handle_tx.send(lock.cancel_handle()).unwrap();
-            lock.lock().map(|_| ()).unwrap_err()
-        } else {
-            let mut lock = SessionLock::new(&pool, waiter_key).unwrap();
-            handle_tx.send(lock.cancel_handle()).unwrap();
-            lock.lock().map(|_| ()).unwrap_err()
-        }
-    });
-    let handle = handle_rx.recv().unwrap();
+    let (handle, _pid, done) = common::spawn_waiter(pool, key, LockOptions::new(), transaction);
     wait_for_waiters(&mut admin(), key, 1);
     handle.cancel().unwrap();
-    waiter.join().unwrap()
+    done.recv_timeout(Duration::from_secs(10))
+        .expect("the cancelled waiter did not return")
+        .unwrap_err()
 }
 
 fn bounded() -> LockOptions {

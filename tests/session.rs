@@ -268,24 +268,16 @@ fn a_terminated_session_is_reported_lost_and_frees_the_lock() {
     let mut guard = holder.lock().unwrap();
     let pid = backend_pid(&mut guard);
 
-    let (tx, rx) = mpsc::channel();
-    let waiter_pool = pool.clone();
-    let waiter_key = key.clone();
-    let waiter = thread::spawn(move || {
-        let mut lock = SessionLock::new(&waiter_pool, waiter_key).unwrap();
-        let got = lock.lock().map(|_| ());
-        tx.send(got).unwrap();
-    });
+    let (_cancel, _pid, done) = common::spawn_waiter(&pool, &key, LockOptions::new(), false);
     wait_for_waiters(&mut admin, &key, 1);
 
     // An administrator (or idle_session_timeout, or a failover) ends the holder's session.
     admin
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap();
-    rx.recv_timeout(Duration::from_secs(10))
+    done.recv_timeout(Duration::from_secs(10))
         .expect("the waiter did not get the freed lock")
         .unwrap();
-    waiter.join().unwrap();
 
     assert!(
         !SessionGuard::is_held(&mut guard).unwrap(),

@@ -113,12 +113,7 @@ fn an_unbounded_wait_ignores_the_roles_lock_timeout() {
     let held = holder.lock().unwrap();
 
     let pool = pool_with(1, short);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter_key = key.clone();
-    let waiter = std::thread::spawn(move || {
-        let mut lock = SessionLock::new(&pool, waiter_key).unwrap();
-        tx.send(lock.lock().map(|_| ())).unwrap();
-    });
+    let (_cancel, _pid, done) = common::spawn_waiter(&pool, &key, LockOptions::new(), false);
     common::wait_for_waiters(&mut admin, &key, 1);
     // Still queued well past both of the role's timeouts.
     let queued_since = Instant::now();
@@ -131,8 +126,7 @@ fn an_unbounded_wait_ignores_the_roles_lock_timeout() {
         },
     );
     drop(held);
-    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
-    waiter.join().unwrap();
+    done.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
 }
 
 #[test]

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
 use common::{admin, backend_pid, backend_state, holders, pool, pool_with, wait_for_waiters};
@@ -143,20 +141,12 @@ fn blocked_waiter_wakes_when_the_holder_commits() {
     let mut holder = TxLock::new(&pool, key.clone()).unwrap();
     let guard = holder.lock().unwrap();
 
-    let (tx, rx) = mpsc::channel();
-    let waiter_pool = pool.clone();
-    let waiter_key = key.clone();
-    let waiter = thread::spawn(move || {
-        let mut lock = TxLock::new(&waiter_pool, waiter_key).unwrap();
-        let guard = lock.lock().unwrap();
-        tx.send(()).unwrap();
-        TxGuard::commit(guard).unwrap();
-    });
+    let (_cancel, _pid, done) = common::spawn_waiter(&pool, &key, LockOptions::new(), true);
     wait_for_waiters(&mut admin, &key, 1);
     TxGuard::commit(guard).unwrap();
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("the waiter was not woken");
-    waiter.join().unwrap();
+    done.recv_timeout(Duration::from_secs(10))
+        .expect("the waiter was not woken")
+        .unwrap();
 }
 
 #[test]

@@ -161,6 +161,39 @@ pub fn wait_for_waiters(admin: &mut Client, key: &LockKey, n: usize) {
     );
 }
 
+/// Starts a thread that makes a lock on `key` (a `TxLock` if `transaction`, else a
+/// `SessionLock`) and blocks in `lock()`. Returns its cancel handle, its backend pid, and
+/// the channel on which it reports how `lock()` ended (a granted guard is dropped at once).
+pub fn spawn_waiter(
+    pool: &Pool,
+    key: &LockKey,
+    options: pglock::LockOptions,
+    transaction: bool,
+) -> (
+    pglock::CancelHandle,
+    i32,
+    std::sync::mpsc::Receiver<Result<(), pglock::Error>>,
+) {
+    let (setup_tx, setup_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (pool, key) = (pool.clone(), key.clone());
+    std::thread::spawn(move || {
+        let mut conn = pool.get().unwrap();
+        let pid = backend_pid(&mut conn);
+        if transaction {
+            let mut lock = pglock::TxLock::from_connection(conn, key, options).unwrap();
+            setup_tx.send((lock.cancel_handle(), pid)).unwrap();
+            done_tx.send(lock.lock().map(|_| ())).unwrap();
+        } else {
+            let mut lock = pglock::SessionLock::from_connection(conn, key, options).unwrap();
+            setup_tx.send((lock.cancel_handle(), pid)).unwrap();
+            done_tx.send(lock.lock().map(|_| ())).unwrap();
+        }
+    });
+    let (handle, pid) = setup_rx.recv().expect("the waiter thread failed to start");
+    (handle, pid, done_rx)
+}
+
 /// Drops and re-creates a one-column table `name (x int)`, for tests that need their own.
 pub fn fresh_table(admin: &mut Client, name: &str) {
     admin
