@@ -101,9 +101,12 @@ impl CancelHandle {
         }
         // Hold the flags while sending, so the waiter cannot finish its wait and go on
         // to other statements before it knows a cancel request is on its way.
+        let Some(token) = self.state.token() else {
+            // The lock has no connection to cancel: the wait cannot be on the server.
+            return Ok(());
+        };
         flags.request_sent = true;
-        self.state
-            .token
+        token
             .cancel_query(tls)
             .map_err(|source| Error::Database {
                 key: self.state.key.clone(),
@@ -122,7 +125,8 @@ impl CancelHandle {
 /// What the waiter and the cancelling threads share.
 pub(crate) struct CancelState {
     key: LockKey,
-    token: CancelToken,
+    /// The token of the lock's current connection; replaced when the lock reconnects.
+    token: Mutex<Option<CancelToken>>,
     flags: Mutex<Flags>,
     /// Wakes a waiter sleeping between polls.
     wake: Condvar,
@@ -155,10 +159,10 @@ pub(crate) enum WaitEnd {
 }
 
 impl CancelState {
-    pub(crate) fn new(key: LockKey, token: CancelToken) -> Arc<Self> {
+    pub(crate) fn new(key: LockKey, token: Option<CancelToken>) -> Arc<Self> {
         Arc::new(CancelState {
             key,
-            token,
+            token: Mutex::new(token),
             flags: Mutex::new(Flags::default()),
             wake: Condvar::new(),
         })
@@ -168,6 +172,18 @@ impl CancelState {
         CancelHandle {
             state: Arc::clone(self),
         }
+    }
+
+    /// The lock now runs on another connection.
+    pub(crate) fn set_token(&self, token: CancelToken) {
+        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token);
+    }
+
+    fn token(&self) -> Option<CancelToken> {
+        self.token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn flags(&self) -> MutexGuard<'_, Flags> {

@@ -104,6 +104,48 @@ pub enum Error {
         source: postgres::Error,
     },
 
+    /// A session lock found its server session in use by another client: a
+    /// transaction-mode pooler (PgBouncer's `pool_mode = transaction`) sits between
+    /// pglock and PostgreSQL, where session locks cannot work. Nothing was taken (or, at
+    /// unlock, touched) on that session. Use [`TxLock`](crate::TxLock) through such a
+    /// pooler, or connect directly or through a session-mode pool.
+    #[error(
+        "lock {key}: the server session is in use by another client (its session lock \
+         marker is {other:?}): a transaction-mode pooler is in between; use TxLock \
+         through it, or connect directly"
+    )]
+    SessionShared {
+        /// The lock.
+        key: LockKey,
+        /// The other client's marker on the server session (`pglock:<pid>:<id>`).
+        other: String,
+    },
+
+    /// A session lock's critical section left a healthy transaction open: pglock rolled
+    /// it back (a connection never goes back to the pool inside a transaction) and
+    /// released the lock, but the transaction's work is lost. Commit or roll back
+    /// transactions you begin in the critical section.
+    #[error(
+        "lock {key}: the critical section left a transaction open; it was rolled back \
+         and its work is lost"
+    )]
+    TransactionLeftOpen {
+        /// The lock.
+        key: LockKey,
+    },
+
+    /// The connection broke while a transaction lock's `COMMIT` was on its way: the
+    /// transaction may or may not have committed, and the lock is gone either way. Check
+    /// the work's effect before retrying it.
+    #[error("lock {key}: the connection broke during COMMIT; whether it committed is unknown")]
+    CommitOutcomeUnknown {
+        /// The lock.
+        key: LockKey,
+        /// The connection's error.
+        #[source]
+        source: postgres::Error,
+    },
+
     /// An argument was out of range or malformed; nothing was sent to the server.
     #[error("lock {key}: invalid argument: {message}")]
     InvalidArgument {
@@ -173,6 +215,9 @@ impl Error {
             | Error::LockLost { key, .. }
             | Error::LockTableFull { key, .. }
             | Error::InvalidArgument { key, .. }
+            | Error::SessionShared { key, .. }
+            | Error::TransactionLeftOpen { key }
+            | Error::CommitOutcomeUnknown { key, .. }
             | Error::Database { key, .. } => key,
         }
     }
@@ -183,7 +228,8 @@ impl Error {
         match self {
             Error::Deadlock { source, .. }
             | Error::LockTableFull { source, .. }
-            | Error::Database { source, .. } => Some(source),
+            | Error::Database { source, .. }
+            | Error::CommitOutcomeUnknown { source, .. } => Some(source),
             Error::LockLost { source, .. } => source.as_ref(),
             _ => None,
         }
@@ -257,6 +303,8 @@ impl Failure {
         } else if *code == SqlState::ADMIN_SHUTDOWN
             || *code == SqlState::CRASH_SHUTDOWN
             || *code == SqlState::IDLE_SESSION_TIMEOUT
+            || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+            || code.code() == "25P04"
         {
             Failure::Closed
         } else {
@@ -294,6 +342,8 @@ mod tests {
             ("57P01", Failure::Closed),
             ("57P02", Failure::Closed),
             ("57P05", Failure::Closed),
+            ("25P03", Failure::Closed),
+            ("25P04", Failure::Closed),
             ("42501", Failure::Other),
         ];
         for (code, want) in cases {

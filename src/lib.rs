@@ -139,23 +139,25 @@
 //! `warn` when a release fails or a lock is found lost.
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(missing_debug_implementations)]
+#![forbid(unsafe_code)]
 
+mod advisory;
 mod cancel;
-mod core;
 mod error;
 mod key;
 mod locker;
 mod options;
-mod session;
-mod tx;
+mod wait;
 
+pub use crate::advisory::{
+    AdvisoryGuard, AdvisoryLock, OwnedAdvisoryGuard, OwnedSessionGuard, OwnedTxGuard, Scope,
+    Session, SessionGuard, SessionLock, Transaction, TxGuard, TxLock, TxSavepoint,
+};
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};
 pub use crate::key::LockKey;
 pub use crate::locker::Locker;
 pub use crate::options::{LockMode, LockOptions, WaitMode};
-pub use crate::session::{SessionGuard, SessionLock};
-pub use crate::tx::{TxGuard, TxLock};
 
 pub use postgres;
 pub use r2d2;

@@ -118,6 +118,16 @@ fn session_lock_operations_cost_one_round_trip() {
         let mut lock = lock.unwrap();
         assert_eq!(n, 0, "{mode:?}: making a lock");
 
+        // A connection's first use prepares each statement once (one more round trip),
+        // and learns the session's timeouts; a connection is used many times.
+        let (n, guard) = proxy.count(|| lock.try_lock().unwrap().unwrap());
+        assert_eq!(n, 2, "{mode:?}: first try_lock: prepare, execute");
+        let (n, _) = proxy.count(|| SessionGuard::unlock(guard).unwrap());
+        assert_eq!(n, 2, "{mode:?}: first unlock: prepare, execute");
+        let (n, guard) = proxy.count(|| lock.lock().unwrap());
+        assert_eq!(n, 2, "{mode:?}: first lock: prepare, execute");
+        drop(guard);
+
         let (n, guard) = proxy.count(|| lock.try_lock().unwrap().unwrap());
         assert_eq!(n, 1, "{mode:?}: try_lock");
         let (n, _) = proxy.count(|| SessionGuard::unlock(guard).unwrap());
@@ -141,7 +151,21 @@ fn session_lock_operations_cost_one_round_trip() {
 
         let (n, conn) = proxy.count(|| lock.into_connection());
         assert_eq!(n, 0, "{mode:?}: into_connection");
-        drop(conn);
+        // The prepared statements stay with the connection, for the next lock on it.
+        let mut lock =
+            SessionLock::from_connection(conn, unique_key!("again"), LockOptions::new().mode(mode))
+                .unwrap();
+        let (n, guard) = proxy.count(|| lock.try_lock().unwrap().unwrap());
+        assert_eq!(
+            n, 1,
+            "{mode:?}: try_lock by a new lock on a used connection"
+        );
+        drop(guard);
+        let (n, _) = proxy.count(|| lock.set_key(unique_key!("third")).unwrap());
+        assert_eq!(n, 0, "{mode:?}: set_key");
+        let (n, guard) = proxy.count(|| lock.lock().unwrap());
+        assert_eq!(n, 1, "{mode:?}: lock after set_key");
+        drop(guard);
     }
 
     // A bounded wait is one round trip too, whatever the bound.
@@ -198,10 +222,17 @@ fn contention_costs_are_pinned_too() {
     let _held = holder.lock().unwrap();
 
     let mut session = SessionLock::new(&pool, key.clone()).unwrap();
+    assert!(
+        session.try_lock().unwrap().is_none(),
+        "warm-up: prepares the try"
+    );
     let (n, got) = proxy.count(|| session.try_lock().unwrap().is_none());
     assert!(got);
     assert_eq!(n, 1, "a busy session try_lock");
     // A failed wait checks pg_locks for a lock granted in the race: one more round trip.
+    let warm = session.try_lock_for(Duration::from_millis(20)).unwrap();
+    assert!(warm.is_none(), "warm-up: prepares the wait");
+    drop(warm);
     let (n, got) = proxy.count(|| {
         session
             .try_lock_for(Duration::from_millis(20))

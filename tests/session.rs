@@ -308,7 +308,7 @@ fn a_leaked_guard_is_released_when_its_lock_drops() {
 }
 
 #[test]
-fn a_transaction_left_open_in_the_critical_section_is_rolled_back() {
+fn a_transaction_left_open_in_the_critical_section_is_rolled_back_and_reported() {
     let key = unique_key!();
     let pool = pool(1);
     let mut admin = admin();
@@ -319,7 +319,9 @@ fn a_transaction_left_open_in_the_critical_section_is_rolled_back() {
     guard
         .batch_execute("BEGIN; CREATE TEMP TABLE pglock_left_open (x int)")
         .unwrap();
-    SessionGuard::unlock(guard).expect("unlock inside an open transaction");
+    // Its work is lost, and the caller is told so; the lock is released all the same.
+    let err = SessionGuard::unlock(guard).unwrap_err();
+    assert!(matches!(err, Error::TransactionLeftOpen { .. }), "{err:?}");
     assert_eq!(
         common::backend_state(&mut admin, pid).as_deref(),
         Some("idle")

@@ -1,0 +1,1040 @@
+//! The engine of both advisory lock scopes: the statements they send, how they wait, and
+//! how every failure path leaves the connection clean.
+//!
+//! Invariant: while no guard is out (`held == false`), the connection holds no advisory
+//! lock taken by this engine, no transaction opened by it and no session marker set by
+//! it. Every path that cannot confirm that ends the database session instead, so the
+//! server frees everything and r2d2 discards the connection.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use postgres::types::{ToSql, Type};
+use postgres::{Client, SimpleQueryMessage, Statement};
+use r2d2::{ManageConnection, Pool, PooledConnection};
+
+use super::scope::sealed::Kind;
+use super::scope::Scope;
+use super::sql::{self, Args};
+use crate::cancel::{CancelHandle, CancelState, WaitEnd};
+use crate::error::{describe, Failure, LostReason};
+use crate::options::{timeout_ms, LockOptions};
+use crate::wait::{self, Limit, Outcome};
+use crate::{Error, LockKey, LockMode, Result, WaitMode};
+
+/// One row of a reply, every column as text (`None` for NULL or a missing column).
+type Row = Vec<Option<String>>;
+
+/// What a lock is: its key and options, and the token of its session marker.
+#[derive(Debug)]
+struct Spec {
+    key: LockKey,
+    options: LockOptions,
+    /// This lock's session marker: letters, digits and `:` only.
+    token: String,
+}
+
+/// The state of one lock, apart from its connection.
+#[derive(Debug)]
+pub(crate) struct Core<S> {
+    spec: Arc<Spec>,
+    /// Whether the session's `statement_timeout` and `transaction_timeout` are known to be
+    /// off, so waits and unlocks need not lift them: learnt from the replies of the lock's
+    /// own statements, forgotten when the critical section had the connection.
+    quiet: Option<bool>,
+    /// Made by the first `cancel_handle()`: until then nobody can cancel, and waits skip
+    /// the bookkeeping.
+    cancel: OnceLock<Arc<CancelState>>,
+    /// A guard is out: the session lock is held, or the lock's transaction is open.
+    held: bool,
+    _scope: PhantomData<fn() -> S>,
+}
+
+impl<S: Scope> Core<S> {
+    pub(crate) fn new(key: LockKey, options: LockOptions) -> Result<Core<S>> {
+        Ok(Core {
+            spec: Arc::new(Spec::new(key, options)?),
+            quiet: None,
+            cancel: OnceLock::new(),
+            held: false,
+            _scope: PhantomData,
+        })
+    }
+
+    /// The same lock on another key. The caller released anything held first.
+    pub(crate) fn set_key(&mut self, key: LockKey) -> Result<()> {
+        self.spec = Arc::new(Spec::new(key, self.spec.options.clone())?);
+        Ok(())
+    }
+
+    /// This core's state moved out, leaving one that holds nothing.
+    pub(crate) fn take(&mut self) -> Core<S> {
+        let spent = Core {
+            spec: Arc::clone(&self.spec),
+            quiet: None,
+            cancel: OnceLock::new(),
+            held: false,
+            _scope: PhantomData,
+        };
+        std::mem::replace(self, spent)
+    }
+
+    /// Checks a connection out of `pool` for this lock.
+    pub(crate) fn checkout<M>(&self, pool: &Pool<M>) -> Result<PooledConnection<M>>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        pool.get().map_err(|source| Error::Pool {
+            key: self.spec.key.clone(),
+            source,
+        })
+    }
+
+    /// A new connection replaces a closed one: nothing is known about its settings, and
+    /// cancel requests go to it from now on.
+    pub(crate) fn connected(&mut self, client: &Client) {
+        self.quiet = None;
+        self.held = false;
+        if let Some(cancel) = self.cancel.get() {
+            cancel.set_token(client.cancel_token());
+        }
+    }
+
+    pub(crate) fn key(&self) -> &LockKey {
+        &self.spec.key
+    }
+
+    pub(crate) fn mode(&self) -> LockMode {
+        self.spec.options.mode
+    }
+
+    pub(crate) fn lock_timeout(&self) -> Option<Duration> {
+        self.spec.options.lock_timeout
+    }
+
+    pub(crate) fn wait_mode(&self) -> WaitMode {
+        self.spec.options.wait_mode
+    }
+
+    pub(crate) fn is_held_flag(&self) -> bool {
+        self.held
+    }
+
+    /// The limit of a blocking `lock()`: the configured `lock_timeout`.
+    pub(crate) fn default_limit(&self) -> Limit {
+        Limit::bounded_by(self.spec.options.lock_timeout)
+    }
+
+    /// The limit of `try_lock_for(timeout)`, checked against PostgreSQL's range.
+    pub(crate) fn limit_for(&self, timeout: Duration) -> Result<Limit> {
+        Limit::checked(&self.spec.key, timeout)
+    }
+
+    /// A handle on this lock's cancellation state, made on first use. No wait can be in
+    /// progress here: waits take the lock by `&mut`.
+    pub(crate) fn cancel_handle(&self, client: Option<&Client>) -> CancelHandle {
+        self.cancel
+            .get_or_init(|| {
+                CancelState::new(self.spec.key.clone(), client.map(Client::cancel_token))
+            })
+            .handle()
+    }
+
+    /// Fails if the lock was cancelled.
+    fn check_cancelled(&self) -> Result<()> {
+        self.cancel.get().map_or(Ok(()), |c| c.check())
+    }
+
+    fn cancelled(&self) -> Error {
+        Error::Cancelled {
+            key: self.spec.key.clone(),
+        }
+    }
+
+    /// The critical section had the connection: it may have changed settings.
+    pub(crate) fn forget_settings(&mut self) {
+        self.quiet = None;
+    }
+
+    /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
+    /// other return the connection holds nothing new.
+    pub(crate) fn acquire<M>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        limit: Limit,
+    ) -> Result<Outcome>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        // Release a leaked guard's lock first, or a session lock would stack a second level
+        // on the server that one unlock does not free.
+        self.release_leaked(conn);
+        self.check_cancelled()?;
+        let start = Instant::now();
+        let outcome = match (limit, self.spec.options.wait_mode) {
+            (Limit::Try, _) => {
+                if self.try_once(conn)? {
+                    Outcome::Locked
+                } else {
+                    Outcome::Busy {
+                        waited: start.elapsed(),
+                    }
+                }
+            }
+            (_, WaitMode::Server) => self.wait_on_server(conn, limit, start)?,
+            (
+                _,
+                WaitMode::Poll {
+                    min_interval,
+                    max_interval,
+                },
+            ) => {
+                let cancel = self.cancel.get().cloned();
+                wait::poll(limit, min_interval, max_interval, cancel.as_deref(), || {
+                    self.try_once(conn)
+                })?
+            }
+        };
+        match outcome {
+            Outcome::Locked => {
+                self.held = true;
+                if self.check_cancelled().is_err() {
+                    // Cancelled while the lock was being granted: hand out nothing.
+                    self.release_quietly(conn);
+                    return Err(self.cancelled());
+                }
+                debug!(
+                    "locked {} ({:?}, {:?}) after {:?}",
+                    self.spec.key,
+                    self.spec.options.mode,
+                    S::KIND,
+                    start.elapsed()
+                );
+            }
+            Outcome::Busy { waited } => {
+                debug!(
+                    "lock {} is held elsewhere; waited {waited:?}",
+                    self.spec.key
+                );
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// One non-blocking try: whether it locked.
+    fn try_once<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<bool>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let spec = Arc::clone(&self.spec);
+        let (mode, key) = (spec.options.mode, &spec.key);
+        match S::KIND {
+            Kind::Session => {
+                let reply = run_prepared(
+                    conn,
+                    prepared_text(Statement3::Try, mode, key),
+                    &spec.params(None),
+                );
+                let row = match reply {
+                    Ok(rows) => last(rows),
+                    Err(e) => return Err(self.failed_acquire(conn, e)),
+                };
+                self.learn(&row, 2);
+                match col(&row, 0) {
+                    Some("") => Ok(false),
+                    Some(_) => Ok(true),
+                    None => Err(self.shared_session(col(&row, 1))),
+                }
+            }
+            Kind::Transaction => {
+                let row = match simple(conn, &sql::tx_try(mode, key)) {
+                    Ok(rows) => last(rows),
+                    Err(e) => return Err(self.failed_acquire(conn, e)),
+                };
+                self.learn(&row, 2);
+                if truthy(col(&row, 0)) {
+                    return Ok(true);
+                }
+                // The try opened a transaction; end it before reporting "busy".
+                self.end_transaction(conn, "after a failed try")?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// One statement that waits on the server, bounded by `lock_timeout`.
+    fn wait_on_server<M>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        limit: Limit,
+        start: Instant,
+    ) -> Result<Outcome>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let ms = match limit {
+            Limit::For(d) => timeout_ms(&self.spec.key, "timeout", d)?,
+            _ => 0,
+        };
+        let spec = Arc::clone(&self.spec);
+        let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
+        let quiet = self.quiet == Some(true);
+        if let Some(cancel) = self.cancel.get() {
+            cancel.begin_server_wait()?;
+        }
+        // With the settings quiet, one prepared statement; else a batch that lifts them.
+        let result = match (S::KIND, quiet) {
+            (Kind::Session, true) => {
+                let ms = ms.to_string();
+                run_prepared(
+                    conn,
+                    prepared_text(Statement3::Wait, mode, key),
+                    &spec.params(Some(&ms)),
+                )
+            }
+            (Kind::Session, false) => simple(
+                conn,
+                &sql::session_wait(mode, key, Args::Literals, token, ms),
+            ),
+            (Kind::Transaction, _) => simple(conn, &sql::tx_wait(mode, key, ms, !quiet)),
+        };
+        let end = self
+            .cancel
+            .get()
+            .map_or(WaitEnd::Normal, |c| c.end_server_wait());
+        if end == WaitEnd::CancelRequestSent {
+            // The cancel request may land on a later statement, and the lock may have been
+            // granted as it arrived: trust nothing on this session any more.
+            self.end_session(conn, "a cancel request was sent to it during the wait");
+            return Err(self.cancelled());
+        }
+        match result {
+            Ok(rows) => {
+                let settings_at = if quiet { 2 } else { 0 };
+                let first = rows.first().cloned().unwrap_or_default();
+                let row = last(rows);
+                self.learn(&first, settings_at);
+                if S::KIND == Kind::Session && col(&row, 0).is_none() {
+                    return Err(self.shared_session(col(&row, 1)));
+                }
+                Ok(Outcome::Locked)
+            }
+            Err(e) => {
+                let failure = failure_of(conn, &e);
+                let error = self.failed_acquire(conn, e);
+                if end == WaitEnd::CancelledQuietly {
+                    // Cancelled, but no request could be sent: the wait ended by itself.
+                    return Err(self.cancelled());
+                }
+                if failure == Failure::LockTimeout {
+                    return Ok(Outcome::Busy {
+                        waited: start.elapsed(),
+                    });
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Remembers whether the settings in `row` (from column `at`) are quiet.
+    fn learn(&mut self, row: &Row, at: usize) {
+        let statement = col(row, at);
+        let transaction = col(row, at + 1);
+        if statement.is_some() {
+            self.quiet = Some(statement == Some("0") && matches!(transaction, None | Some("0")));
+        }
+    }
+
+    fn shared_session(&self, other: Option<&str>) -> Error {
+        warn!(
+            "lock {}: its server session carries another client's session lock ({}): \
+             a transaction-mode pooler is in between",
+            self.spec.key,
+            other.unwrap_or("")
+        );
+        Error::SessionShared {
+            key: self.spec.key.clone(),
+            other: other.unwrap_or("").to_owned(),
+        }
+    }
+
+    /// Cleans up after an acquiring statement failed, and turns its error into ours.
+    ///
+    /// A wait can be granted just as `lock_timeout`, a cancel or another error ends it.
+    /// A transaction lock is undone by ending the transaction; a session lock is looked up
+    /// in `pg_locks` and released if it was taken. (Its marker was rolled back with the
+    /// failed statement.)
+    fn failed_acquire<M>(&mut self, conn: &mut PooledConnection<M>, e: postgres::Error) -> Error
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let failure = failure_of(conn, &e);
+        let cleaned = match (S::KIND, failure) {
+            // The session is gone, and everything it held with it.
+            (_, Failure::Closed) => Ok(()),
+            // The failed batch left its transaction open (aborted): end it.
+            (Kind::Transaction, _) => self.end_transaction(conn, "after a failed lock"),
+            // A deadlock aborts the wait and a full lock table refuses it: neither grants
+            // the lock, and scanning pg_locks with a full lock table is slow.
+            (Kind::Session, Failure::Deadlock | Failure::OutOfSharedMemory) => Ok(()),
+            (Kind::Session, _) => self.release_taken(conn),
+        };
+        if let Err(cleanup) = cleaned {
+            debug!(
+                "lock {}: cleanup after a failed lock: {cleanup}",
+                self.spec.key
+            );
+        }
+        let key = self.spec.key.clone();
+        match failure {
+            Failure::Canceled if self.check_cancelled().is_err() => Error::Cancelled { key },
+            Failure::Deadlock => Error::Deadlock { key, source: e },
+            Failure::OutOfSharedMemory => Error::LockTableFull { key, source: e },
+            _ => Error::Database {
+                key,
+                operation: "lock",
+                source: e,
+            },
+        }
+    }
+
+    /// Releases the session lock if a failed wait took it after all.
+    fn release_taken<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let sql = sql::release_taken(self.spec.options.mode, &self.spec.key);
+        match run_retrying(conn, &sql) {
+            Ok(rows) => {
+                if !rows.is_empty() {
+                    debug!(
+                        "lock {} was granted as its wait failed; released it",
+                        self.spec.key
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("cannot release what a failed wait took: {}", describe(&e));
+                self.end_session(conn, &why);
+                Err(self.database("lock cleanup", e))
+            }
+        }
+    }
+
+    /// Ends the current transaction with `ROLLBACK` (and `then`, in the same batch); ends
+    /// the session if that fails.
+    fn end_transaction_with<M>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        then: &str,
+        when: &str,
+    ) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let sql = if then.is_empty() {
+            "ROLLBACK".to_owned()
+        } else {
+            format!("ROLLBACK; {then}")
+        };
+        match run_retrying(conn, &sql) {
+            Ok(_) => Ok(()),
+            Err(e) if failure_of(conn, &e) == Failure::Closed => {
+                Err(self.lost(LostReason::SessionEnded, Some(e)))
+            }
+            Err(e) => {
+                self.end_session(conn, &format!("ROLLBACK {when} failed: {}", describe(&e)));
+                Err(self.database("rollback", e))
+            }
+        }
+    }
+
+    fn end_transaction<M>(&mut self, conn: &mut PooledConnection<M>, when: &str) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        self.end_transaction_with(conn, "", when)
+    }
+
+    /// Releases the lock however its scope needs: unlock (rolling back a transaction left
+    /// open), or roll back the lock's transaction.
+    pub(crate) fn release<M>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        self.finish(conn, used, false)
+    }
+
+    /// Ends a guard: `success` commits a transaction lock (a session lock unlocks either
+    /// way).
+    pub(crate) fn finish<M>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        used: bool,
+        success: bool,
+    ) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if used {
+            self.forget_settings();
+        }
+        match (S::KIND, success) {
+            (Kind::Session, _) => self.unlock_session(conn, used),
+            (Kind::Transaction, true) => self.commit(conn),
+            (Kind::Transaction, false) => self.rollback(conn),
+        }
+    }
+
+    /// Releases a lock that was taken but must not be handed out. Never fails: a release
+    /// that cannot be confirmed ends the session.
+    fn release_quietly<M>(&mut self, conn: &mut PooledConnection<M>)
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if let Err(e) = self.release(conn, false) {
+            debug!("lock {}: release of an unwanted lock: {e}", self.spec.key);
+        }
+    }
+
+    /// Releases the lock of a guard leaked with `mem::forget`, if there is one: before the
+    /// next acquisition, and before the connection leaves the lock.
+    pub(crate) fn release_leaked<M>(&mut self, conn: &mut PooledConnection<M>)
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if self.held {
+            if let Err(e) = self.release(conn, true) {
+                warn!("{e}");
+            }
+        }
+    }
+
+    /// Unlocks a session lock. `used`: the critical section had the connection, so the
+    /// unlock lifts the session's timeouts and checks for a transaction left open. A
+    /// failed transaction left open is rolled back (the unlock cannot run inside it); so
+    /// is a healthy one, but that is an error: its work is lost.
+    fn unlock_session<M>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        let spec = Arc::clone(&self.spec);
+        let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
+        let mut fast = !used && self.quiet == Some(true);
+        let mut retried = false;
+        loop {
+            let reply = if fast {
+                run_prepared(
+                    conn,
+                    prepared_text(Statement3::Unlock, mode, key),
+                    &spec.params(None),
+                )
+            } else {
+                simple(conn, &sql::session_unlock(mode, key, Args::Literals, token))
+            };
+            let error = match reply {
+                Ok(rows) => {
+                    let first = rows.first().cloned().unwrap_or_default();
+                    let row = last(rows);
+                    self.learn(&first, if fast { 3 } else { 0 });
+                    // The open-transaction probe holds in a simple Query only; the
+                    // prepared unlock runs only where no transaction can be open.
+                    return self.unlocked(conn, &row, !fast);
+                }
+                Err(e) => e,
+            };
+            match failure_of(conn, &error) {
+                Failure::Closed => {
+                    warn!(
+                        "lock {} was lost: its session ended ({})",
+                        self.spec.key,
+                        describe(&error)
+                    );
+                    return Err(self.lost(LostReason::SessionEnded, Some(error)));
+                }
+                Failure::InFailedTransaction if !retried => {
+                    // The critical section left a failed transaction open; its work failed
+                    // with an error the caller saw. End it, then unlock.
+                    retried = true;
+                    fast = false;
+                    self.end_transaction(conn, "of a failed transaction left open")?;
+                }
+                Failure::Canceled if !retried => {
+                    // A statement_timeout or a late cancel request: again, lifted.
+                    retried = true;
+                    fast = false;
+                }
+                _ => {
+                    warn!(
+                        "lock {}: unlock failed: {}",
+                        self.spec.key,
+                        describe(&error)
+                    );
+                    self.end_session(conn, "its unlock failed");
+                    return Err(self.database("unlock", error));
+                }
+            }
+        }
+    }
+
+    /// Reads the reply of a session unlock.
+    fn unlocked<M>(&mut self, conn: &mut PooledConnection<M>, row: &Row, probed: bool) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let Some(unlocked) = col(row, 0) else {
+            // Another client's server session: nothing was touched there, and ours is out
+            // of reach.
+            return Err(self.shared_session(col(row, 1)));
+        };
+        let unlocked = truthy(Some(unlocked));
+        if probed && truthy(col(row, 2)) {
+            // A healthy transaction was left open: the unlock and the marker's clearing
+            // ran inside it. Roll it back and clear the marker again, outside it.
+            warn!(
+                "lock {}: the critical section left a transaction open; rolling it back",
+                self.spec.key
+            );
+            let clear = sql::clear_session_marker(&self.spec.token);
+            self.end_transaction_with(conn, &clear, "of a transaction left open")?;
+            if unlocked {
+                return Err(Error::TransactionLeftOpen {
+                    key: self.spec.key.clone(),
+                });
+            }
+        }
+        if unlocked {
+            debug!("unlocked {}", self.spec.key);
+            return Ok(());
+        }
+        warn!(
+            "lock {} was lost: pg_advisory_unlock returned false (the session no longer \
+             held it)",
+            self.spec.key
+        );
+        Err(self.lost(LostReason::NotHeld, None))
+    }
+
+    /// Commits the lock's transaction, which ends the transaction lock. The check that the
+    /// transaction is still the lock's runs in SQL before `COMMIT`.
+    fn commit<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        if conn.is_closed() {
+            // Known dead before the commit was sent: nothing was committed.
+            return Err(self.lost(LostReason::SessionEnded, None));
+        }
+        let error = match conn.simple_query(&sql::tx_commit(&self.spec.key)) {
+            Ok(_) => {
+                debug!("committed and unlocked {}", self.spec.key);
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if failure_of(conn, &error) == Failure::Closed {
+            warn!(
+                "lock {}: the connection closed during COMMIT; whether it committed is \
+                 unknown ({})",
+                self.spec.key,
+                describe(&error)
+            );
+            return Err(Error::CommitOutcomeUnknown {
+                key: self.spec.key.clone(),
+                source: error,
+            });
+        }
+        // The check or COMMIT failed; either way nothing was committed and a transaction
+        // may still be open (the check's, or one the critical section began).
+        let ended = error
+            .as_db_error()
+            .is_some_and(|db| db.message().contains(sql::TX_LOST));
+        let rolled_back = self.end_transaction(conn, "after a failed commit");
+        if ended {
+            warn!(
+                "lock {} was lost: its transaction was ended inside the critical section; \
+                 what ran after that was rolled back",
+                self.spec.key
+            );
+            return Err(self.lost(LostReason::TransactionEnded, None));
+        }
+        rolled_back?;
+        Err(self.database("commit", error))
+    }
+
+    /// Rolls back the lock's transaction, which ends the transaction lock.
+    fn rollback<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        self.end_transaction(conn, "of the lock's transaction")?;
+        debug!("rolled back and unlocked {}", self.spec.key);
+        Ok(())
+    }
+
+    /// Asks the server whether this session holds the lock.
+    pub(crate) fn is_held(&self, client: &mut Client) -> Result<bool> {
+        let sql = sql::is_held(self.spec.options.mode, &self.spec.key);
+        match simple(client, &sql) {
+            Ok(rows) => Ok(truthy(col(&last(rows), 0))),
+            Err(e) if failure_of(client, &e) == Failure::Closed => Ok(false),
+            Err(e) => Err(self.database("is_held", e)),
+        }
+    }
+
+    /// Ends the database session: the server frees every lock it held, and the client
+    /// reports closed, so r2d2 discards the connection instead of reusing it. Where
+    /// `pg_terminate_backend` is refused, the session is made to time out at once.
+    fn end_session(&mut self, client: &mut Client, why: &str) {
+        self.held = false;
+        self.quiet = None;
+        if client.is_closed() {
+            return;
+        }
+        warn!("lock {}: ending its database session: {why}", self.spec.key);
+        let terminate = sql::terminate(&self.spec.token);
+        let mut refused = None;
+        for _ in 0..2 {
+            match client.simple_query(&terminate) {
+                Err(e) if failure_of(client, &e) == Failure::Canceled => refused = Some(e),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+                Ok(messages) => {
+                    refused = None;
+                    if rows(messages).is_empty() {
+                        log::error!(
+                            "lock {}: not ending the server session: it carries another \
+                             client's session lock (a transaction-mode pooler is in between)",
+                            self.spec.key
+                        );
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(e) = &refused {
+            if !client.is_closed() {
+                warn!(
+                    "lock {}: pg_terminate_backend failed ({}); making the session time out",
+                    self.spec.key,
+                    describe(e)
+                );
+                let _ = client.simple_query(sql::EXPIRE_SESSION);
+            }
+        }
+        // The client sees the closed socket only on its next use; make that happen now so
+        // that r2d2's `has_broken` check sees it. A session made to time out needs a few
+        // milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !client.is_closed() && client.simple_query("").is_ok() {
+            if refused.is_none() || Instant::now() > deadline {
+                log::error!(
+                    "lock {}: could not end its database session ({}); the connection may \
+                     return to the pool in an unknown state",
+                    self.spec.key,
+                    refused
+                        .as_ref()
+                        .map_or_else(|| "no error".to_owned(), describe)
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub(crate) fn lost(&self, reason: LostReason, source: Option<postgres::Error>) -> Error {
+        Error::LockLost {
+            key: self.spec.key.clone(),
+            reason,
+            source,
+        }
+    }
+
+    fn database(&self, operation: &'static str, source: postgres::Error) -> Error {
+        Error::Database {
+            key: self.spec.key.clone(),
+            operation,
+            source,
+        }
+    }
+}
+
+impl Spec {
+    fn new(key: LockKey, options: LockOptions) -> Result<Spec> {
+        options.validate(&key)?;
+        Ok(Spec {
+            token: format!("pglock:{}:{:x}", std::process::id(), wait::seed()),
+            key,
+            options,
+        })
+    }
+
+    /// The parameters of a prepared session statement: the key, the token, then `extra`.
+    fn params<'a>(&'a self, extra: Option<&'a str>) -> Params<'a> {
+        let mut params: Params<'a> = Vec::with_capacity(4);
+        match (self.key.as_i64(), self.key.as_pair()) {
+            (Some(_), _) => params.push((Param::Single(&self.key), Type::INT8)),
+            (_, Some(_)) => {
+                params.push((Param::First(&self.key), Type::INT4));
+                params.push((Param::Second(&self.key), Type::INT4));
+            }
+            _ => {}
+        }
+        params.push((Param::Text(&self.token), Type::TEXT));
+        if let Some(extra) = extra {
+            params.push((Param::Text(extra), Type::TEXT));
+        }
+        params
+    }
+}
+
+/// The parameters of a prepared statement, with their types (for the unprepared fallback).
+type Params<'a> = Vec<(Param<'a>, Type)>;
+
+/// One parameter.
+#[derive(Debug)]
+enum Param<'a> {
+    Single(&'a LockKey),
+    First(&'a LockKey),
+    Second(&'a LockKey),
+    Text(&'a str),
+}
+
+/// Which prepared session statement.
+#[derive(Debug, Clone, Copy)]
+enum Statement3 {
+    Try,
+    Wait,
+    Unlock,
+}
+
+/// The text of a prepared session statement: one per statement, mode and key space, made
+/// once per process.
+fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static str {
+    static TEXTS: [OnceLock<String>; 12] = [const { OnceLock::new() }; 12];
+    let pair = key.as_pair().is_some();
+    let i = (which as usize) * 4 + usize::from(mode == LockMode::Shared) * 2 + usize::from(pair);
+    TEXTS[i].get_or_init(|| {
+        // The key's value does not matter with parameters, only its space.
+        let key = if pair {
+            LockKey::pair(0, 0)
+        } else {
+            LockKey::new(0)
+        };
+        match which {
+            Statement3::Try => sql::session_try(mode, &key, Args::Params, ""),
+            Statement3::Wait => sql::session_wait(mode, &key, Args::Params, "", 0),
+            Statement3::Unlock => sql::session_unlock(mode, &key, Args::Params, ""),
+        }
+    })
+}
+
+/// Prepared statements of one connection, kept in its r2d2 extensions so they outlive
+/// the lock that prepared them.
+#[derive(Default)]
+struct Prepared {
+    statements: HashMap<&'static str, Statement>,
+    /// Preparing failed here (a pooler without prepared-statement support): send the
+    /// statements unprepared, still one round trip each.
+    off: bool,
+}
+
+/// Runs a prepared session statement, preparing it on the connection's first use. Falls
+/// back to an unnamed statement (one round trip, parsed each time) where named ones do not
+/// work, and when the statement vanished (`DEALLOCATE`, `DISCARD ALL`).
+fn run_prepared<M>(
+    conn: &mut PooledConnection<M>,
+    text: &'static str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, postgres::Error>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    let values: Vec<Box<dyn ToSql + Sync + '_>> = params.iter().map(|(p, _)| p.value()).collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| &**v as _).collect();
+    let cached = PooledConnection::extensions(conn)
+        .get::<Prepared>()
+        .map(|p| (p.off, p.statements.get(text).cloned()));
+    let statement = match cached {
+        Some((true, _)) => None,
+        Some((false, Some(statement))) => Some(statement),
+        _ => match conn.prepare(text) {
+            Ok(statement) => {
+                update_prepared(conn, |p| {
+                    p.statements.insert(text, statement.clone());
+                });
+                Some(statement)
+            }
+            Err(e) if e.is_closed() || conn.is_closed() => return Err(e),
+            Err(e) => {
+                debug!(
+                    "preparing failed ({}); sending statements unprepared",
+                    describe(&e)
+                );
+                update_prepared(conn, |p| p.off = true);
+                None
+            }
+        },
+    };
+    if let Some(statement) = statement {
+        match conn.query(&statement, &refs) {
+            Ok(rows) => return Ok(rows.iter().map(text_row).collect()),
+            Err(e) if e.code() == Some(&postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) => {
+                debug!("a prepared statement vanished; sending it unprepared");
+                update_prepared(conn, |p| p.statements.clear());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let typed: Vec<(&(dyn ToSql + Sync), Type)> = refs
+        .iter()
+        .zip(params)
+        .map(|(v, (_, t))| (*v, t.clone()))
+        .collect();
+    Ok(conn
+        .query_typed(text, &typed)?
+        .iter()
+        .map(text_row)
+        .collect())
+}
+
+/// Changes the connection's prepared statements.
+fn update_prepared<M>(conn: &mut PooledConnection<M>, change: impl FnOnce(&mut Prepared))
+where
+    M: ManageConnection<Connection = Client>,
+{
+    let extensions = PooledConnection::extensions_mut(conn);
+    let mut prepared = extensions.remove::<Prepared>().unwrap_or_default();
+    change(&mut prepared);
+    extensions.insert(prepared);
+}
+
+impl Param<'_> {
+    fn value(&self) -> Box<dyn ToSql + Sync + '_> {
+        match *self {
+            Param::Single(k) => Box::new(k.as_i64().unwrap_or_default()),
+            Param::First(k) => Box::new(k.as_pair().map_or(0, |p| p.0)),
+            Param::Second(k) => Box::new(k.as_pair().map_or(0, |p| p.1)),
+            Param::Text(t) => Box::new(t),
+        }
+    }
+}
+
+/// A typed row as text columns (every prepared statement selects text).
+fn text_row(row: &postgres::Row) -> Row {
+    (0..row.len())
+        .map(|i| row.try_get::<_, Option<String>>(i).ok().flatten())
+        .collect()
+}
+
+/// Runs a simple-protocol batch and returns its rows as text.
+fn simple(client: &mut Client, sql: &str) -> Result<Vec<Row>, postgres::Error> {
+    Ok(rows(client.simple_query(sql)?))
+}
+
+fn rows(messages: Vec<SimpleQueryMessage>) -> Vec<Row> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.try_get(i).ok().flatten().map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The last row of a reply (empty if none).
+fn last(mut rows: Vec<Row>) -> Row {
+    rows.pop().unwrap_or_default()
+}
+
+/// Column `i` of a row; `None` for NULL or a missing column. Never panics.
+fn col(row: &Row, i: usize) -> Option<&str> {
+    row.get(i).and_then(|c| c.as_deref())
+}
+
+/// A boolean as the simple protocol (`t`) or a text cast (`true`) prints it.
+fn truthy(value: Option<&str>) -> bool {
+    matches!(value, Some("t" | "true"))
+}
+
+/// Classifies an error, also looking at the client: a session ended by the server is
+/// first reported as a FATAL error on a client that does not know yet that it is closed.
+fn failure_of(client: &Client, e: &postgres::Error) -> Failure {
+    if client.is_closed() {
+        Failure::Closed
+    } else {
+        Failure::of(e)
+    }
+}
+
+/// Runs a cleanup batch; runs it once more if a cancel request cancelled it (a cancel
+/// request can arrive after the statement it was meant for).
+fn run_retrying(client: &mut Client, sql: &str) -> Result<Vec<Row>, postgres::Error> {
+    match simple(client, sql) {
+        Err(e) if failure_of(client, &e) == Failure::Canceled => simple(client, sql),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepared_texts_are_made_once_per_statement_mode_and_key_space() {
+        let a = prepared_text(Statement3::Try, LockMode::Exclusive, &LockKey::new(1));
+        let b = prepared_text(Statement3::Try, LockMode::Exclusive, &LockKey::new(2));
+        assert!(std::ptr::eq(a, b));
+        let pair = prepared_text(Statement3::Unlock, LockMode::Shared, &LockKey::pair(1, 2));
+        assert!(pair.contains("pg_advisory_unlock_shared($1, $2)"), "{pair}");
+        let wait = prepared_text(Statement3::Wait, LockMode::Exclusive, &LockKey::new(1));
+        assert!(
+            wait.contains("set_config('lock_timeout', $3, true)"),
+            "{wait}"
+        );
+    }
+
+    #[test]
+    fn replies_are_read_without_panicking() {
+        let row: Row = vec![Some("t".into()), None];
+        assert!(truthy(col(&row, 0)));
+        assert_eq!(col(&row, 1), None);
+        assert_eq!(col(&row, 7), None);
+        assert!(!truthy(Some("false")));
+        assert!(last(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn tokens_are_safe_literals() {
+        let spec = Spec::new(LockKey::new(1), LockOptions::new()).unwrap();
+        assert!(spec
+            .token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == ':'));
+        let other = Spec::new(LockKey::new(1), LockOptions::new()).unwrap();
+        assert_ne!(spec.token, other.token);
+    }
+}

@@ -1,0 +1,664 @@
+//! Advisory locks: PostgreSQL's `pg_advisory_lock` family, in session or transaction
+//! scope.
+//!
+//! One generic lock, [`AdvisoryLock<S, M>`](AdvisoryLock), is written once over a sealed
+//! [`Scope`] (as `lock_api` builds `Mutex<R, T>` over `RawMutex`); [`SessionLock`] and
+//! [`TxLock`] are its two instances. The SQL lives in `sql.rs` as plain functions, the
+//! engine that sends it and cleans up after every failure in `engine.rs`, and the wait
+//! strategies it shares with other lock kinds in `crate::wait`.
+
+mod engine;
+mod guard;
+mod scope;
+mod sql;
+
+use std::fmt;
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use r2d2::{ManageConnection, Pool, PooledConnection};
+use r2d2_postgres::PostgresConnectionManager;
+
+use self::engine::Core;
+pub use self::guard::{AdvisoryGuard, OwnedAdvisoryGuard, TxSavepoint};
+pub use self::scope::{Scope, Session, Transaction};
+use crate::locker::{sealed, Locker};
+use crate::wait::{Limit, Outcome};
+use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};
+
+/// A session-level advisory lock (`pg_advisory_lock`) on one checked-out connection.
+///
+/// The lock belongs to the database session: it survives `COMMIT` and `ROLLBACK`, lasts
+/// until unlocked or until the session ends, and may span many transactions. That makes it
+/// the lock for work that cannot run in one transaction (`CREATE INDEX CONCURRENTLY`,
+/// `VACUUM`, calls to other systems).
+///
+/// It does not work through a transaction-mode pooler such as PgBouncer's
+/// `pool_mode = transaction`, where consecutive statements run on different server
+/// sessions, and one server session serves many clients. pglock marks the server session
+/// while it holds a session lock there; a lock call that finds another client's mark
+/// fails with [`Error::SessionShared`] and takes nothing, so two clients never both
+/// "hold" one lock through the pooler's shared session. Use [`TxLock`] there.
+///
+/// The lock keeps a connection checked out of the pool for its whole life and gives it
+/// back when dropped. It hands out one [`SessionGuard`] at a time; the guard derefs to the
+/// connection, and unlocks when dropped. No connection ever goes back to the pool holding
+/// the lock: when an unlock cannot be confirmed, pglock ends the database session, which
+/// frees the lock on the server and makes r2d2 discard the connection.
+///
+/// `M` is the pool's connection manager; it defaults to r2d2_postgres's manager without TLS.
+///
+/// # Examples
+///
+/// ```no_run
+/// use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+/// use pglock::{r2d2, SessionLock};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let manager = PostgresConnectionManager::new("host=localhost user=postgres".parse()?, NoTls);
+/// let pool = r2d2::Pool::new(manager)?;
+///
+/// let mut lock = SessionLock::new(&pool, "nightly-report")?;
+/// if let Some(mut guard) = lock.try_lock()? {
+///     // Only one process in the whole cluster gets here at a time.
+///     guard.execute("INSERT INTO reports (day) VALUES (current_date)", &[])?;
+///     pglock::SessionGuard::unlock(guard)?; // or let it drop
+/// } else {
+///     println!("another process is running the report");
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub type SessionLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Session, M>;
+
+/// A transaction-level advisory lock (`pg_advisory_xact_lock`) on one checked-out
+/// connection: the lock and the critical section's work share one transaction.
+///
+/// Taking the lock opens a transaction (`BEGIN` goes in the same round trip as the lock).
+/// The [`TxGuard`] derefs to the connection inside that transaction; committing it makes
+/// the work visible and frees the lock in the same instant, and rolling it back (or
+/// dropping the guard, or a panic) undoes the work and frees the lock. Nobody can see the
+/// lock free while the work is uncommitted, and a transaction lock cannot outlive its
+/// transaction, so it cannot leak.
+///
+/// This is the lock to use behind a transaction-mode pooler such as PgBouncer's
+/// `pool_mode = transaction`, where session locks break, and the lock migration runners
+/// want (see `examples/migrate.rs`). Work that cannot run inside a transaction
+/// (`CREATE INDEX CONCURRENTLY`, `VACUUM`) needs a [`SessionLock`].
+///
+/// Inside the critical section, do not end the transaction yourself: `COMMIT` or
+/// `ROLLBACK` in your SQL ends the lock early. For nested work, call
+/// [`guard.transaction()`](AdvisoryGuard::transaction), which opens a savepoint instead
+/// of a second `BEGIN`. The commit checks in SQL, before `COMMIT`, that the transaction is
+/// still the lock's: if it is not, nothing is committed and [`TxGuard::commit`] reports
+/// [`Error::LockLost`].
+///
+/// During the wait, `statement_timeout` is lifted and `lock_timeout` is set to the wait's
+/// bound; both are put back to the values they had, in the same round trip, so the
+/// critical section sees the session's own settings whichever way the lock was taken.
+///
+/// # Examples
+///
+/// ```no_run
+/// use pglock::TxLock;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+/// let mut lock = TxLock::new(&pool, "billing")?;
+/// let mut guard = lock.lock()?;
+/// guard.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1", &[])?;
+/// guard.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 2", &[])?;
+/// pglock::TxGuard::commit(guard)?; // the work and the unlock, at once
+/// # Ok(())
+/// # }
+/// ```
+pub type TxLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Transaction, M>;
+
+/// Holds a [`SessionLock`]; unlocks when dropped. See [`AdvisoryGuard`].
+pub type SessionGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Session, M>;
+
+/// Holds a [`TxLock`] inside its transaction; rolls back when dropped. See
+/// [`AdvisoryGuard`].
+pub type TxGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Transaction, M>;
+
+/// A [`SessionGuard`] that owns its lock and connection: `'static` and `Send`.
+pub type OwnedSessionGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Session, M>;
+
+/// A [`TxGuard`] that owns its lock and connection: `'static` and `Send`.
+pub type OwnedTxGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Transaction, M>;
+
+/// An advisory lock on one checked-out connection, in scope `S`: use it as [`SessionLock`]
+/// or [`TxLock`].
+///
+/// A lock made from a pool ([`new`](AdvisoryLock::new),
+/// [`with_options`](AdvisoryLock::with_options)) keeps the pool: when its connection
+/// dies (the session was terminated by an administrator, `idle_session_timeout`, a
+/// failover), the next call takes a fresh connection from the pool and goes on. A lock
+/// made [`from_connection`](AdvisoryLock::from_connection) has no pool and reports the
+/// dead connection instead.
+pub struct AdvisoryLock<S: Scope, M = PostgresConnectionManager<NoTls>>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    /// `None` only once the connection was given away (`into_connection`, an owned guard).
+    conn: Option<PooledConnection<M>>,
+    pool: Option<Pool<M>>,
+    core: Core<S>,
+}
+
+impl<S: Scope, M> AdvisoryLock<S, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    /// Makes an exclusive lock on `key`, with a connection checked out of `pool`, and the
+    /// default [`LockOptions`]. It does not take the lock.
+    ///
+    /// `key` is an `i64`, an `(i32, i32)` pair, a name (`&str` or `String`), or a
+    /// [`LockKey`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pool`] if no connection could be checked out; [`Error::InvalidArgument`]
+    /// if the key is a name with a NUL character.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let by_name = pglock::SessionLock::new(&pool, "nightly-report")?;
+    /// let by_number = pglock::SessionLock::new(&pool, 42)?;
+    /// let by_pair = pglock::TxLock::new(&pool, (7, 1))?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(pool: &Pool<M>, key: impl Into<LockKey>) -> Result<Self> {
+        Self::with_options(pool, key, LockOptions::new())
+    }
+
+    /// Makes a lock on `key` with `options`, with a connection checked out of `pool`. It
+    /// does not take the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if an option is out of PostgreSQL's range (checked
+    /// before the checkout); [`Error::Pool`] if no connection could be checked out.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pglock::{LockOptions, SessionLock};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let options = LockOptions::new().lock_timeout(Duration::from_secs(10));
+    /// let mut lock = SessionLock::with_options(&pool, "nightly-report", options)?;
+    /// let _guard = lock.lock()?; // waits at most 10 s
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_options(
+        pool: &Pool<M>,
+        key: impl Into<LockKey>,
+        options: LockOptions,
+    ) -> Result<Self> {
+        let core = Core::new(key.into(), options)?;
+        let conn = core.checkout(pool)?;
+        Ok(AdvisoryLock {
+            conn: Some(conn),
+            pool: Some(pool.clone()),
+            core,
+        })
+    }
+
+    /// Makes a lock on `key` that uses a connection the caller already checked out.
+    ///
+    /// The lock takes the connection over: do not take advisory locks on it by other means
+    /// while the lock owns it. Such a lock has no pool to take a new connection from if
+    /// this one dies.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if an option is out of PostgreSQL's range.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use pglock::{LockOptions, SessionLock};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let conn = pool.get()?;
+    /// let mut lock = SessionLock::from_connection(conn, 42, LockOptions::new())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_connection(
+        conn: PooledConnection<M>,
+        key: impl Into<LockKey>,
+        options: LockOptions,
+    ) -> Result<Self> {
+        Ok(AdvisoryLock {
+            conn: Some(conn),
+            pool: None,
+            core: Core::new(key.into(), options)?,
+        })
+    }
+
+    /// Takes the lock if it is free. This function does not block.
+    ///
+    /// Returns `Ok(None)` if the lock is held elsewhere (by another session, or in a
+    /// conflicting mode). One round trip (two on a connection's first use, which prepares
+    /// the statement).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cancelled`] if the lock was cancelled; [`Error::SessionShared`] if a
+    /// transaction-mode pooler is in the way of a session lock; [`Error::LockTableFull`]
+    /// if the server's lock table is full; [`Error::Pool`] if the lock needed a new
+    /// connection and got none; [`Error::Database`] for any other failure.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "nightly-report")?;
+    /// match lock.try_lock()? {
+    ///     Some(_guard) => println!("running the report"),
+    ///     None => println!("someone else is running it"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use = "if unused the lock is released immediately"]
+    pub fn try_lock(&mut self) -> Result<Option<AdvisoryGuard<'_, S, M>>> {
+        Ok(self.acquire(Limit::Try)?.ok())
+    }
+
+    /// Takes the lock, blocking until it is free or the configured
+    /// [`lock_timeout`](LockOptions::lock_timeout) passes (by default, no bound).
+    ///
+    /// With the default [`WaitMode::Server`], the wait is one statement on the server: the
+    /// server wakes it the moment the lock is free, and `statement_timeout` cannot cut it
+    /// short. A wait is one round trip.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if the bound passed; [`Error::Cancelled`] if the wait was
+    /// cancelled; [`Error::Deadlock`] if the server found this wait in a deadlock;
+    /// [`Error::SessionShared`], [`Error::LockTableFull`], [`Error::Pool`] or
+    /// [`Error::Database`] for failures of the server or the connection. After any error,
+    /// this lock holds nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "nightly-report")?;
+    /// let _guard = lock.lock()?;
+    /// // ... the critical section; the lock is released when `_guard` drops.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lock(&mut self) -> Result<AdvisoryGuard<'_, S, M>> {
+        let limit = self.core.default_limit();
+        let key = self.core.key().clone();
+        self.acquire(limit)?
+            .map_err(|waited| Error::Timeout { key, waited })
+    }
+
+    /// Takes the lock, blocking at most `timeout`. A zero `timeout` makes one try.
+    ///
+    /// Returns `Ok(None)` if the lock was still held elsewhere when `timeout` passed. The
+    /// server enforces the bound with `lock_timeout` (millisecond resolution, rounded up).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `timeout` exceeds `i32::MAX` milliseconds; otherwise
+    /// as for [`lock`](AdvisoryLock::lock), but never [`Error::Timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "nightly-report")?;
+    /// match lock.try_lock_for(Duration::from_secs(5))? {
+    ///     Some(_guard) => println!("locked"),
+    ///     None => println!("still busy after 5 s"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use = "if unused the lock is released immediately"]
+    pub fn try_lock_for(&mut self, timeout: Duration) -> Result<Option<AdvisoryGuard<'_, S, M>>> {
+        let limit = self.core.limit_for(timeout)?;
+        Ok(self.acquire(limit)?.ok())
+    }
+
+    /// Runs `work` while holding the lock, and releases it on every path: when `work`
+    /// returns `Ok` or `Err`, and when it panics (the panic then continues). A [`TxLock`]
+    /// commits its transaction when `work` returns `Ok`, and rolls it back otherwise.
+    ///
+    /// Blocks like [`lock`](AdvisoryLock::lock). `work` gets the guard, which derefs to
+    /// the connection. `work`'s error type only needs `From<pglock::Error>`:
+    /// `Box<dyn Error>`, `anyhow::Error` and your own enums all fit.
+    ///
+    /// # Errors
+    ///
+    /// The error of [`lock`](AdvisoryLock::lock), converted; the error of `work`; or, when
+    /// `work` succeeded but the release failed, the release's error: [`Error::LockLost`]
+    /// (the result of `work` may have been produced without the lock for part of the
+    /// time), [`Error::TransactionLeftOpen`] (a session lock's critical section left a
+    /// transaction open, now rolled back), [`Error::CommitOutcomeUnknown`], or the commit's
+    /// own failure. If `work` and the release both failed, `work`'s error is returned and
+    /// the release's is logged.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "nightly-report")?;
+    /// let rows = lock.with_lock(|conn| -> Result<u64, Box<dyn std::error::Error>> {
+    ///     Ok(conn.execute("REFRESH MATERIALIZED VIEW daily_totals", &[])?)
+    /// })?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_lock<'a, R, E, F>(&'a mut self, work: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut AdvisoryGuard<'a, S, M>) -> Result<R, E>,
+        E: From<Error>,
+    {
+        let mut guard = self.lock()?;
+        match work(&mut guard) {
+            Ok(value) => {
+                guard.finish(true)?;
+                Ok(value)
+            }
+            Err(e) => {
+                if let Err(release) = guard.finish(false) {
+                    log::warn!("the critical section failed, and then: {release}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the lock like [`lock`](AdvisoryLock::lock), and returns a guard that owns the
+    /// lock and its connection: `'static` and `Send`, to keep in a struct or move to
+    /// another thread (compare `lock_api`'s `ArcMutexGuard`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`lock`](AdvisoryLock::lock). On an error the lock is dropped, and its
+    /// connection goes back to the pool.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let guard = pglock::SessionLock::new(&pool, "leader")?.lock_owned()?;
+    /// let worker = std::thread::spawn(move || {
+    ///     // ... lead, while `guard` lives here
+    ///     pglock::OwnedSessionGuard::unlock(guard)
+    /// });
+    /// worker.join().expect("worker panicked")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lock_owned(mut self) -> Result<OwnedAdvisoryGuard<S, M>> {
+        let limit = self.core.default_limit();
+        match self.acquire_owned(limit)? {
+            Ok(guard) => Ok(guard),
+            Err(waited) => Err(Error::Timeout {
+                key: self.core.key().clone(),
+                waited,
+            }),
+        }
+    }
+
+    /// Takes the lock if it is free, like [`try_lock`](AdvisoryLock::try_lock), and
+    /// returns a guard that owns the lock and its connection. This function does not
+    /// block.
+    ///
+    /// Returns `Ok(None)` if the lock is held elsewhere; the lock is then dropped and its
+    /// connection goes back to the pool.
+    ///
+    /// # Errors
+    ///
+    /// As for [`try_lock`](AdvisoryLock::try_lock).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// if let Some(guard) = pglock::SessionLock::new(&pool, "leader")?.try_lock_owned()? {
+    ///     // ... store `guard` in the application state while leading
+    /// #   drop(guard);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_lock_owned(mut self) -> Result<Option<OwnedAdvisoryGuard<S, M>>> {
+        Ok(self.acquire_owned(Limit::Try)?.ok())
+    }
+
+    /// Points the lock at another key, keeping its connection, options and prepared
+    /// statements: the cheapest way to lock many keys in turn. Takes no round trip.
+    ///
+    /// No guard can be alive here; if one was leaked with `mem::forget`, its lock is
+    /// released first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the key is a name with a NUL character; the lock then
+    /// keeps its old key.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "job/0")?;
+    /// for job in ["job/1", "job/2", "job/3"] {
+    ///     lock.set_key(job)?;
+    ///     if let Some(_guard) = lock.try_lock()? {
+    ///         // ... run the job
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_key(&mut self, key: impl Into<LockKey>) -> Result<()> {
+        if let Some(conn) = self.conn.as_mut() {
+            self.core.release_leaked(conn);
+        }
+        self.core.set_key(key.into())
+    }
+
+    /// Gives the connection back, to run more SQL on it or to make a lock on another key
+    /// with [`from_connection`](AdvisoryLock::from_connection) without a new checkout
+    /// ([`set_key`](AdvisoryLock::set_key) is cheaper still).
+    ///
+    /// No guard can be alive here; if one was leaked with `mem::forget`, this releases it
+    /// first, as dropping the lock would. The connection's prepared statements stay with
+    /// it, in its r2d2 extensions. If the lock's session had died, the connection returned
+    /// is closed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use pglock::{LockOptions, SessionLock};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let conn = pool.get()?;
+    /// let mut lock = SessionLock::from_connection(conn, "a", LockOptions::new())?;
+    /// if let Some(guard) = lock.try_lock()? {
+    ///     // ... run job "a"
+    /// #   drop(guard);
+    /// }
+    /// let mut conn = lock.into_connection();
+    /// conn.execute("SELECT 1", &[])?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_connection(mut self) -> PooledConnection<M> {
+        if let Some(conn) = self.conn.as_mut() {
+            self.core.release_leaked(conn);
+        }
+        match self.conn.take() {
+            Some(conn) => conn,
+            // Only an owned guard takes the connection, and it consumes the lock.
+            None => unreachable!("a lock lost its connection while it was still usable"),
+        }
+    }
+
+    /// A handle that cancels this lock's waits from another thread. See [`CancelHandle`].
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.core.cancel_handle(self.conn.as_deref())
+    }
+
+    /// The lock's key.
+    pub fn key(&self) -> &LockKey {
+        self.core.key()
+    }
+
+    /// Exclusive or shared.
+    pub fn mode(&self) -> LockMode {
+        self.core.mode()
+    }
+
+    /// The bound of [`lock`](AdvisoryLock::lock), if any.
+    pub fn lock_timeout(&self) -> Option<Duration> {
+        self.core.lock_timeout()
+    }
+
+    /// Where blocking calls wait.
+    pub fn wait_mode(&self) -> WaitMode {
+        self.core.wait_mode()
+    }
+
+    /// The lock's live connection: the current one, or a fresh one from the pool when it
+    /// died.
+    fn connect<'c>(
+        conn: &'c mut Option<PooledConnection<M>>,
+        pool: &Option<Pool<M>>,
+        core: &mut Core<S>,
+    ) -> Result<&'c mut PooledConnection<M>> {
+        let dead = conn.as_ref().is_none_or(|c| c.is_closed());
+        if let (true, Some(pool)) = (dead, pool) {
+            // The old one (if any) is closed: r2d2 discards it.
+            let fresh = core.checkout(pool)?;
+            core.connected(&fresh);
+            *conn = Some(fresh);
+        }
+        match conn {
+            Some(conn) => Ok(conn),
+            None => Err(core.lost(crate::LostReason::SessionEnded, None)),
+        }
+    }
+
+    /// Takes the lock within `limit`: the guard, or how long it waited for a busy lock.
+    fn acquire(&mut self, limit: Limit) -> Result<Result<AdvisoryGuard<'_, S, M>, Duration>> {
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        Ok(match self.core.acquire(conn, limit)? {
+            Outcome::Locked => Ok(AdvisoryGuard::new(conn, &mut self.core)),
+            Outcome::Busy { waited } => Err(waited),
+        })
+    }
+
+    /// [`acquire`](Self::acquire), for an owned guard.
+    fn acquire_owned(
+        &mut self,
+        limit: Limit,
+    ) -> Result<Result<OwnedAdvisoryGuard<S, M>, Duration>> {
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        if let Outcome::Busy { waited } = self.core.acquire(conn, limit)? {
+            return Ok(Err(waited));
+        }
+        let core = self.core.take();
+        match self.conn.take() {
+            Some(conn) => Ok(Ok(OwnedAdvisoryGuard::new(conn, core))),
+            None => Err(core.lost(crate::LostReason::SessionEnded, None)),
+        }
+    }
+}
+
+impl<S: Scope, M> Drop for AdvisoryLock<S, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    fn drop(&mut self) {
+        // Only has work if a guard was leaked with `mem::forget`.
+        if let Some(conn) = self.conn.as_mut() {
+            self.core.release_leaked(conn);
+        }
+    }
+}
+
+impl<S: Scope, M> fmt::Debug for AdvisoryLock<S, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(match <S as scope::sealed::Sealed>::KIND {
+            scope::sealed::Kind::Session => "SessionLock",
+            scope::sealed::Kind::Transaction => "TxLock",
+        })
+        .field("key", self.core.key())
+        .field("mode", &self.core.mode())
+        .field("lock_timeout", &self.core.lock_timeout())
+        .field("wait_mode", &self.core.wait_mode())
+        .field("held", &self.core.is_held_flag())
+        .finish_non_exhaustive()
+    }
+}
+
+impl<S: Scope, M> sealed::Sealed for AdvisoryLock<S, M> where
+    M: ManageConnection<Connection = Client>
+{
+}
+
+impl<S: Scope, M> Locker for AdvisoryLock<S, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    type Guard<'a> = AdvisoryGuard<'a, S, M>;
+
+    fn key(&self) -> &LockKey {
+        AdvisoryLock::key(self)
+    }
+
+    fn mode(&self) -> LockMode {
+        AdvisoryLock::mode(self)
+    }
+
+    fn try_lock(&mut self) -> Result<Option<Self::Guard<'_>>> {
+        AdvisoryLock::try_lock(self)
+    }
+
+    fn lock(&mut self) -> Result<Self::Guard<'_>> {
+        AdvisoryLock::lock(self)
+    }
+
+    fn try_lock_for(&mut self, timeout: Duration) -> Result<Option<Self::Guard<'_>>> {
+        AdvisoryLock::try_lock_for(self, timeout)
+    }
+
+    fn with_lock<'a, R, E, F>(&'a mut self, work: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut Self::Guard<'a>) -> Result<R, E>,
+        E: From<Error>,
+    {
+        AdvisoryLock::with_lock(self, work)
+    }
+
+    fn cancel_handle(&self) -> CancelHandle {
+        AdvisoryLock::cancel_handle(self)
+    }
+}

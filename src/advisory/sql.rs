@@ -1,0 +1,393 @@
+//! The SQL of the advisory locks, as plain functions of the key, mode and bound, so that it
+//! can be read and tested without a server.
+//!
+//! Every statement names its functions schema-qualified (`pg_catalog.`), so a hostile
+//! `search_path` cannot redirect them. Nothing but integers, the lock's own marker token
+//! (letters, digits and `:`) and fixed text is ever put into SQL text.
+//!
+//! Two protocols:
+//! - `SessionLock` sends one prepared statement per operation (extended protocol, the key
+//!   and the bound as parameters), and a simple-protocol batch only when the session's
+//!   `statement_timeout` (or PostgreSQL 17's `transaction_timeout`) could cut a wait or an
+//!   unlock short: `SET LOCAL` then lifts it for that batch alone.
+//! - `TxLock` always sends simple-protocol batches, so that `BEGIN` rides with the lock in
+//!   one round trip and no named prepared statement is needed behind a pooler.
+//!
+//! Placeholder settings used as markers (never listed in `pg_settings`):
+//! - `pglock.session_lock`: set, for the session, to the lock's token while a `SessionLock`
+//!   holds a lock on the server session, and cleared at unlock. A lock statement that finds
+//!   another token there runs on a server session that another client uses: a
+//!   transaction-mode pooler sits in between, and the statement takes nothing.
+//! - `pglock.tx_lock`: set, for the transaction, to the key of a `TxLock`; the commit checks
+//!   it in SQL before `COMMIT`, so a transaction that was ended and replaced inside the
+//!   critical section is never committed as if it held the lock.
+
+use crate::{LockKey, LockMode};
+
+/// The session marker's placeholder setting.
+pub(crate) const SESSION_MARKER: &str = "pglock.session_lock";
+/// The transaction marker's placeholder setting.
+pub(crate) const TX_MARKER: &str = "pglock.tx_lock";
+/// The text the commit check raises (inside a cast error, SQLSTATE 22P02) when the lock's
+/// transaction is gone.
+pub(crate) const TX_LOST: &str = "pglock: the lock's transaction ended inside the critical section";
+
+/// The current marker of the server session, '' when none.
+const MARKER: &str = "COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '')";
+
+/// The settings that can cut a wait short: `statement_timeout`, and `transaction_timeout`
+/// where the server has it (NULL before PostgreSQL 17).
+const SETTINGS: &str = "pg_catalog.current_setting('statement_timeout'), \
+     pg_catalog.current_setting('transaction_timeout', true)";
+
+/// Lifts `transaction_timeout` for the rest of the transaction, where the server has it.
+const LIFT_TRANSACTION_TIMEOUT: &str =
+    "SELECT CASE WHEN pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL \
+     THEN pg_catalog.set_config('transaction_timeout', '0', true) END";
+
+/// How a statement receives the key: as parameters (`$1` or `$1, $2`) or as literals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Args {
+    Params,
+    Literals,
+}
+
+/// The key as function arguments.
+fn key_args(key: &LockKey, args: Args) -> String {
+    match args {
+        Args::Literals => key.sql_args(),
+        Args::Params if key.as_pair().is_some() => "$1, $2".to_owned(),
+        Args::Params => "$1".to_owned(),
+    }
+}
+
+/// The `n`th parameter after the key's own.
+fn param(key: &LockKey, n: usize) -> String {
+    let first = if key.as_pair().is_some() { 3 } else { 2 };
+    format!("${}", first + n)
+}
+
+/// A text literal. Only for the lock's token and numbers, never for user input; quotes are
+/// doubled all the same.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The token and bound as parameters or literals.
+fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
+    match args {
+        Args::Params => param(key, 0),
+        Args::Literals => literal(token),
+    }
+}
+
+/// Session lock, one non-blocking try. Columns: the outcome (the token when locked, ''
+/// when busy, NULL when the session carries another client's marker), the marker found,
+/// and the two settings.
+pub(crate) fn session_try(mode: LockMode, key: &LockKey, args: Args, token: &str) -> String {
+    let m = mode.fn_suffix();
+    let k = key_args(key, args);
+    let t = token_sql(key, args, token);
+    format!(
+        "SELECT CASE WHEN s.v = '' THEN CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
+         THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) ELSE '' END END, \
+         s.v, {SETTINGS} FROM (SELECT {MARKER} AS v OFFSET 0) s"
+    )
+}
+
+/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Columns
+/// as for [`session_try`]; a wait that runs out fails with 55P03.
+///
+/// `ms` is the bound in milliseconds for literals; with parameters it is the parameter
+/// after the token.
+pub(crate) fn session_wait(
+    mode: LockMode,
+    key: &LockKey,
+    args: Args,
+    token: &str,
+    ms: u32,
+) -> String {
+    let m = mode.fn_suffix();
+    let k = key_args(key, args);
+    let t = token_sql(key, args, token);
+    let lt = match args {
+        Args::Params => param(key, 1),
+        Args::Literals => literal(&ms.to_string()),
+    };
+    // The target list runs left to right: the marker (rolled back with the statement if
+    // the wait fails), the settings, lock_timeout, then the wait.
+    let select = format!(
+        "SELECT CASE WHEN s.v = '' THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) END, \
+         s.v, {SETTINGS}, \
+         CASE WHEN s.v = '' THEN pg_catalog.set_config('lock_timeout', {lt}, true) END, \
+         CASE WHEN s.v = '' THEN pg_catalog.pg_advisory_lock{m}({k})::text END \
+         FROM (SELECT {MARKER} AS v OFFSET 0) s"
+    );
+    match args {
+        Args::Params => select,
+        Args::Literals => guarded(&select),
+    }
+}
+
+/// Session unlock. Columns: whether it unlocked (NULL when the session carries another
+/// client's marker: nothing was touched), the marker found, whether a transaction was
+/// open (the critical section left one), and the two settings.
+pub(crate) fn session_unlock(mode: LockMode, key: &LockKey, args: Args, token: &str) -> String {
+    let m = mode.fn_suffix();
+    let k = key_args(key, args);
+    let t = token_sql(key, args, token);
+    // In one simple Query, now() (the transaction's start) equals statement_timestamp()
+    // unless a transaction was already open. (Not so in the extended protocol, whose
+    // statement timestamp is taken again at Execute: there the column means nothing.)
+    let select = format!(
+        "SELECT CASE WHEN s.v IN ('', {t}) THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
+         s.v, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, {SETTINGS}, \
+         CASE WHEN s.v IN ('', {t}) THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END \
+         FROM (SELECT {MARKER} AS v OFFSET 0) s"
+    );
+    match args {
+        Args::Params => select,
+        Args::Literals => guarded(&select),
+    }
+}
+
+/// A simple-protocol batch that reads the settings, lifts them for its implicit
+/// transaction, and runs `select`. Its first row is the settings, its last `select`'s.
+fn guarded(select: &str) -> String {
+    format!(
+        "SELECT {SETTINGS}; SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; {select}"
+    )
+}
+
+/// Clears this lock's session marker after a `ROLLBACK` undid the unlock's clearing.
+pub(crate) fn clear_session_marker(token: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('{SESSION_MARKER}', '', false) \
+         WHERE {MARKER} = {}",
+        literal(token)
+    )
+}
+
+/// This session's row for the lock in `pg_locks`, as a `FROM ... WHERE` clause.
+fn held_clause(mode: LockMode, key: &LockKey) -> String {
+    format!(
+        "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+         AND pid = pg_catalog.pg_backend_pid() AND classid = {} AND objid = {} \
+         AND objsubid = {} AND mode = '{}' AND granted",
+        key.classid(),
+        key.objid(),
+        key.objsubid(),
+        mode.pg_locks_mode()
+    )
+}
+
+/// Whether this session holds the lock.
+pub(crate) fn is_held(mode: LockMode, key: &LockKey) -> String {
+    format!("SELECT EXISTS (SELECT {})", held_clause(mode, key))
+}
+
+/// Session locks: release the lock if a failed wait took it after all.
+pub(crate) fn release_taken(mode: LockMode, key: &LockKey) -> String {
+    format!(
+        "SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_advisory_unlock{}({}) {}",
+        mode.fn_suffix(),
+        key.sql_args(),
+        held_clause(mode, key)
+    )
+}
+
+/// The transaction marker's value for `key`: integers and a comma.
+pub(crate) fn tx_marker(key: &LockKey) -> String {
+    key.sql_args().replace(' ', "")
+}
+
+/// Transaction lock, one non-blocking try: `BEGIN` and the try in one batch. Columns of
+/// its row: whether it locked, the marker, and the two settings.
+pub(crate) fn tx_try(mode: LockMode, key: &LockKey) -> String {
+    format!(
+        "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock{}({}), \
+         pg_catalog.set_config('{TX_MARKER}', '{}', true), {SETTINGS}",
+        mode.fn_suffix(),
+        key.sql_args(),
+        tx_marker(key)
+    )
+}
+
+/// Transaction lock, a wait bounded by `ms` (0: none), in a transaction that outlives the
+/// batch. `lock_timeout` is set for the wait and put back to the value it had in the same
+/// statement; with `lift`, `statement_timeout` and `transaction_timeout` are lifted for
+/// the wait and put back the same way, so the critical section sees the session's own
+/// settings on every path. The last row is the wait's; with `lift`, the first row is the
+/// settings.
+pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, lift: bool) -> String {
+    let (m, k, marker) = (mode.fn_suffix(), key.sql_args(), tx_marker(key));
+    let wait = format!(
+        "pg_catalog.set_config('lock_timeout', '{ms}', true), \
+         pg_catalog.pg_advisory_xact_lock{m}({k})::text, \
+         pg_catalog.set_config('lock_timeout', s.lt, true)"
+    );
+    let saved = "(SELECT pg_catalog.current_setting('lock_timeout') AS lt OFFSET 0) s";
+    if !lift {
+        return format!(
+            "BEGIN; SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
+             {SETTINGS}, {wait} FROM {saved}"
+        );
+    }
+    format!(
+        "BEGIN; SELECT {SETTINGS}, \
+         pg_catalog.set_config('pglock.saved_statement_timeout', \
+         pg_catalog.current_setting('statement_timeout'), true), \
+         pg_catalog.set_config('pglock.saved_transaction_timeout', \
+         COALESCE(pg_catalog.current_setting('transaction_timeout', true), ''), true); \
+         SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; \
+         SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), NULL, NULL, {wait}, \
+         pg_catalog.set_config('statement_timeout', \
+         pg_catalog.current_setting('pglock.saved_statement_timeout'), true), \
+         CASE WHEN pg_catalog.current_setting('pglock.saved_transaction_timeout') <> '' \
+         THEN pg_catalog.set_config('transaction_timeout', \
+         pg_catalog.current_setting('pglock.saved_transaction_timeout'), true) END \
+         FROM {saved}"
+    )
+}
+
+/// Commits a transaction lock's transaction, after checking in SQL that it is still the
+/// lock's: if the critical section ended it (and perhaps began another), the check raises
+/// and `COMMIT` never runs. In a failed transaction the check fails too (25P02), so `COMMIT`
+/// never silently rolls back.
+pub(crate) fn tx_commit(key: &LockKey) -> String {
+    format!(
+        "SELECT (CASE WHEN pg_catalog.current_setting('{TX_MARKER}', true) = '{}' THEN '0' \
+         ELSE {} END)::int; COMMIT",
+        tx_marker(key),
+        literal(TX_LOST)
+    )
+}
+
+/// Ends the current transaction, then this backend, unless the session carries another
+/// client's session marker (behind a pooler it is not ours to end). The `ROLLBACK` lets it
+/// run inside an aborted transaction, where any other statement fails with 25P02.
+pub(crate) fn terminate(token: &str) -> String {
+    format!(
+        "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid()) \
+         WHERE {MARKER} IN ('', {})",
+        literal(token)
+    )
+}
+
+/// Makes the server end this session by itself within a few milliseconds, for when
+/// `pg_terminate_backend` is refused (a hardened server may revoke it): idle timeouts
+/// exist since PostgreSQL 9.6 (in a transaction) and 14 (outside one).
+pub(crate) const EXPIRE_SESSION: &str = "SET idle_in_transaction_session_timeout = 1; \
+     SELECT pg_catalog.set_config('idle_session_timeout', '1', false) \
+     WHERE pg_catalog.current_setting('idle_session_timeout', true) IS NOT NULL";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "pglock:1:ab";
+
+    #[test]
+    fn session_statements_take_parameters() {
+        let key = LockKey::new(42);
+        let sql = session_try(LockMode::Exclusive, &key, Args::Params, TOKEN);
+        assert!(sql.contains("pg_catalog.pg_try_advisory_lock($1)"), "{sql}");
+        assert!(
+            sql.contains("set_config('pglock.session_lock', $2, false)"),
+            "{sql}"
+        );
+        assert!(!sql.contains(TOKEN), "{sql}");
+        let sql = session_wait(
+            LockMode::Shared,
+            &LockKey::pair(1, 2),
+            Args::Params,
+            TOKEN,
+            0,
+        );
+        assert!(
+            sql.contains("pg_catalog.pg_advisory_lock_shared($1, $2)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("set_config('pglock.session_lock', $3, false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("set_config('lock_timeout', $4, true)"),
+            "{sql}"
+        );
+        // lock_timeout is set before the wait, in the same target list.
+        assert!(sql.find("'lock_timeout'") < sql.find("pg_advisory_lock_shared"));
+        let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN);
+        assert!(
+            sql.contains("s.v IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn session_batches_lift_the_timeouts_first() {
+        let key = LockKey::new(-7);
+        let sql = session_wait(LockMode::Exclusive, &key, Args::Literals, TOKEN, 1500);
+        assert!(sql.starts_with(&format!(
+            "SELECT {SETTINGS}; SET LOCAL statement_timeout = 0; "
+        )));
+        assert!(
+            sql.contains("set_config('lock_timeout', '1500', true)"),
+            "{sql}"
+        );
+        assert!(sql.contains("pg_advisory_lock(-7)"), "{sql}");
+        assert!(sql.contains("'pglock:1:ab'"), "{sql}");
+        let sql = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN);
+        assert!(sql.contains("SET LOCAL statement_timeout = 0"), "{sql}");
+        assert!(sql.contains("pg_advisory_unlock_shared(-7)"), "{sql}");
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(literal("a'b"), "'a''b'");
+        assert_eq!(tx_marker(&LockKey::pair(1, -1)), "1,-1");
+    }
+
+    #[test]
+    fn transaction_statements() {
+        let key = LockKey::pair(1, -1);
+        assert_eq!(
+            tx_try(LockMode::Shared, &key),
+            format!(
+                "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), \
+                 pg_catalog.set_config('pglock.tx_lock', '1,-1', true), {SETTINGS}"
+            )
+        );
+        let fast = tx_wait(LockMode::Exclusive, &key, 250, false);
+        assert!(fast.starts_with("BEGIN; SELECT true, "), "{fast}");
+        assert!(!fast.contains("SET LOCAL"), "{fast}");
+        assert!(
+            fast.contains("set_config('lock_timeout', '250', true)"),
+            "{fast}"
+        );
+        assert!(
+            fast.contains("set_config('lock_timeout', s.lt, true)"),
+            "{fast}"
+        );
+        let slow = tx_wait(LockMode::Exclusive, &key, 0, true);
+        assert!(slow.contains("SET LOCAL statement_timeout = 0"), "{slow}");
+        assert!(slow.contains("pglock.saved_statement_timeout"), "{slow}");
+        assert!(
+            slow.contains("set_config('lock_timeout', '0', true)"),
+            "{slow}"
+        );
+        let commit = tx_commit(&key);
+        assert!(commit.ends_with("::int; COMMIT"), "{commit}");
+        assert!(commit.contains("= '1,-1' THEN '0'"), "{commit}");
+    }
+
+    #[test]
+    fn held_clause_names_the_pg_locks_coordinates() {
+        assert!(is_held(LockMode::Exclusive, &LockKey::new(42))
+            .contains("classid = 0 AND objid = 42 AND objsubid = 1 AND mode = 'ExclusiveLock'"));
+        assert!(is_held(LockMode::Shared, &LockKey::pair(1, -1)).contains(
+            "classid = 1 AND objid = 4294967295 AND objsubid = 2 AND mode = 'ShareLock'"
+        ));
+    }
+}
