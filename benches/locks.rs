@@ -182,7 +182,7 @@ fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut Option<Conn>) ->
                 SessionLock::from_connection(conn, rng_l.key(), LockOptions::new()).unwrap();
             let guard = lock.try_lock().unwrap().expect("a random key is free");
             SessionGuard::unlock(guard).unwrap();
-            *lib = Some(lock.into_connection());
+            *lib = Some(lock.into_connection().unwrap());
         }),
     }
 }

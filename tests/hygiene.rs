@@ -156,7 +156,7 @@ fn session_lock_paths_leave_the_connection_clean() {
 
     let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
     std::mem::forget(lock.lock().unwrap());
-    drop(lock.into_connection());
+    drop(lock.into_connection().unwrap());
     assert_clean(&pool, "guard leaked, then into_connection");
 
     let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
@@ -228,7 +228,7 @@ fn transaction_lock_paths_leave_the_connection_clean() {
 
     let mut lock = TxLock::new(&pool, key.clone()).unwrap();
     std::mem::forget(lock.lock().unwrap());
-    drop(lock.into_connection());
+    drop(lock.into_connection().unwrap());
     assert_clean(&pool, "guard leaked, then into_connection");
 
     let mut lock = TxLock::new(&pool, key.clone()).unwrap();

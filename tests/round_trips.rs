@@ -149,7 +149,7 @@ fn session_lock_operations_cost_one_round_trip() {
         let (n, _) = proxy.count(|| lock.with_lock(|_| Ok::<_, pglock::Error>(())).unwrap());
         assert_eq!(n, 2, "{mode:?}: with_lock with an empty body");
 
-        let (n, conn) = proxy.count(|| lock.into_connection());
+        let (n, conn) = proxy.count(|| lock.into_connection().unwrap());
         assert_eq!(n, 0, "{mode:?}: into_connection");
         // The prepared statements stay with the connection, for the next lock on it.
         let mut lock =

@@ -413,7 +413,7 @@ fn one_connection_serves_locks_on_many_keys() {
             vec![(pid, "ExclusiveLock".to_owned(), true)]
         );
         drop(guard);
-        conn = lock.into_connection();
+        conn = lock.into_connection().unwrap();
         assert_eq!(holders(&mut admin, &key), 0);
     }
 }

@@ -256,3 +256,186 @@ fn a_terminated_session_is_reported_lost() {
     );
     assert_eq!(holders(&mut admin, &key), 0);
 }
+
+#[test]
+fn work_after_an_early_commit_is_never_committed() {
+    // The critical section ends the lock's transaction and does more work in a new one:
+    // that work ran without the lock, and the commit must not publish it.
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let table = "pglock_test_early_commit";
+    common::fresh_table(&mut admin, table);
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+
+    let mut guard = lock.lock().unwrap();
+    guard
+        .batch_execute(&format!("COMMIT; BEGIN; INSERT INTO {table} VALUES (1)"))
+        .unwrap();
+    let err = TxGuard::commit(guard).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LockLost {
+                reason: LostReason::TransactionEnded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(rows(&mut admin, table), 0, "unlocked work was committed");
+
+    // The idiomatic `Client::transaction()`, reached through the deref, sends its own
+    // BEGIN (ignored inside the lock's transaction) and COMMIT (which ends it).
+    let mut guard = lock.lock().unwrap();
+    let client: &mut Client = &mut guard;
+    let mut inner = client.transaction().unwrap();
+    inner
+        .batch_execute(&format!("INSERT INTO {table} VALUES (2)"))
+        .unwrap();
+    inner.commit().unwrap();
+    guard
+        .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (3)"))
+        .unwrap();
+    assert!(matches!(
+        TxGuard::commit(guard),
+        Err(Error::LockLost { .. })
+    ));
+    // What ran inside the lock's transaction (2) was committed by the user's own COMMIT;
+    // what ran after it (3) was not.
+    let seen: Vec<i32> = admin
+        .query(&format!("SELECT x FROM {table} ORDER BY x"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seen, vec![2]);
+    assert_eq!(holders(&mut admin, &key), 0);
+    assert!(lock.try_lock().unwrap().is_some(), "usable again");
+}
+
+#[test]
+fn guard_transaction_opens_a_savepoint_inside_the_lock() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let table = "pglock_test_savepoints";
+    common::fresh_table(&mut admin, table);
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+
+    let mut guard = lock.lock().unwrap();
+    let mut kept = guard.transaction().unwrap();
+    kept.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .unwrap();
+    {
+        // A nested savepoint dropped without commit rolls back, and only itself.
+        let mut dropped = kept.transaction().unwrap();
+        dropped
+            .batch_execute(&format!("INSERT INTO {table} VALUES (2)"))
+            .unwrap();
+    }
+    kept.commit().unwrap();
+    let mut failed = guard.transaction().unwrap();
+    assert!(failed.batch_execute("SELECT 1/0").is_err());
+    drop(failed); // rolls back to the savepoint: the transaction is healthy again
+    assert!(
+        TxGuard::is_held(&mut guard).unwrap(),
+        "a savepoint never ends the lock"
+    );
+    assert_eq!(holders(&mut admin, &key), 1);
+    assert_eq!(
+        rows(&mut admin, table),
+        0,
+        "nothing visible before the commit"
+    );
+    TxGuard::commit(guard).unwrap();
+    let seen: Vec<i32> = admin
+        .query(&format!("SELECT x FROM {table} ORDER BY x"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seen, vec![1]);
+}
+
+#[test]
+fn a_connection_lost_during_commit_is_an_unknown_outcome() {
+    // A deferred constraint trigger makes COMMIT run long; the session is terminated
+    // while it runs. The client cannot know whether it committed, and must not say
+    // "rolled back".
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let table = "pglock_test_slow_commit";
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (x int);
+             CREATE OR REPLACE FUNCTION pglock_test_slow() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table}
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pglock_test_slow();"
+        ))
+        .unwrap();
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+    let mut guard = lock.lock().unwrap();
+    let pid = backend_pid(&mut guard);
+    guard
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .unwrap();
+    let killer = std::thread::spawn(move || {
+        let mut admin = common::admin();
+        common::wait_until("COMMIT runs", Duration::from_secs(10), || {
+            admin
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active' \
+                     AND query LIKE '%COMMIT'",
+                    &[&pid],
+                )
+                .unwrap()
+                .is_some()
+        });
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+    });
+    let err = TxGuard::commit(guard).unwrap_err();
+    killer.join().unwrap();
+    assert!(matches!(err, Error::CommitOutcomeUnknown { .. }), "{err:?}");
+    assert!(err.to_string().contains("unknown"), "{err}");
+    assert_eq!(holders(&mut admin, &key), 0);
+    // The lock takes a fresh connection from its pool and goes on.
+    assert!(lock.try_lock().unwrap().is_some());
+}
+
+#[test]
+fn the_critical_section_sees_the_sessions_settings_on_every_path() {
+    // Values a session-level SET (or an r2d2 CustomizeConnection) gave the connection
+    // reach the critical section whether the lock was taken by a try, a first (lifting)
+    // wait or a later (prepared-fast) wait.
+    let key = unique_key!();
+    let pool = pool(1);
+    {
+        let mut conn = pool.get().unwrap();
+        conn.batch_execute("SET statement_timeout = '9s'; SET lock_timeout = '4s'")
+            .unwrap();
+    }
+    let options = LockOptions::new().lock_timeout(Duration::from_millis(1500));
+    let mut lock = TxLock::with_options(&pool, key, options).unwrap();
+    let show = |c: &mut Client, what: &str| -> String {
+        c.query_one(&format!("SHOW {what}"), &[]).unwrap().get(0)
+    };
+    for path in ["try", "first wait", "second wait", "unbounded"] {
+        let mut guard = match path {
+            "try" => lock.try_lock().unwrap().unwrap(),
+            "unbounded" => lock.try_lock_for(Duration::from_secs(3)).unwrap().unwrap(),
+            _ => lock.lock().unwrap(),
+        };
+        assert_eq!(show(&mut guard, "statement_timeout"), "9s", "{path}");
+        assert_eq!(show(&mut guard, "lock_timeout"), "4s", "{path}");
+        TxGuard::commit(guard).unwrap();
+    }
+    drop(lock);
+    let mut conn = pool.get().unwrap();
+    assert_eq!(show(&mut conn, "statement_timeout"), "9s");
+    assert_eq!(show(&mut conn, "lock_timeout"), "4s");
+}

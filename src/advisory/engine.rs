@@ -50,6 +50,8 @@ pub(crate) struct Core<S> {
     cancel: OnceLock<Arc<CancelState>>,
     /// A guard is out: the session lock is held, or the lock's transaction is open.
     held: bool,
+    /// The session was seen to end (its client may not know yet).
+    dead: bool,
     _scope: PhantomData<fn() -> S>,
 }
 
@@ -60,6 +62,7 @@ impl<S: Scope> Core<S> {
             quiet: None,
             cancel: OnceLock::new(),
             held: false,
+            dead: false,
             _scope: PhantomData,
         })
     }
@@ -77,6 +80,7 @@ impl<S: Scope> Core<S> {
             quiet: None,
             cancel: OnceLock::new(),
             held: false,
+            dead: false,
             _scope: PhantomData,
         };
         std::mem::replace(self, spent)
@@ -98,6 +102,7 @@ impl<S: Scope> Core<S> {
     pub(crate) fn connected(&mut self, client: &Client) {
         self.quiet = None;
         self.held = false;
+        self.dead = false;
         if let Some(cancel) = self.cancel.get() {
             cancel.set_token(client.cancel_token());
         }
@@ -117,6 +122,11 @@ impl<S: Scope> Core<S> {
 
     pub(crate) fn wait_mode(&self) -> WaitMode {
         self.spec.options.wait_mode
+    }
+
+    /// The session was seen to end: the lock needs a new connection.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead
     }
 
     pub(crate) fn is_held_flag(&self) -> bool {
@@ -323,7 +333,7 @@ impl<S: Scope> Core<S> {
                 Ok(Outcome::Locked)
             }
             Err(e) => {
-                let failure = failure_of(conn, &e);
+                let failure = self.classify(conn, &e);
                 let error = self.failed_acquire(conn, e);
                 if end == WaitEnd::CancelledQuietly {
                     // Cancelled, but no request could be sent: the wait ended by itself.
@@ -371,7 +381,7 @@ impl<S: Scope> Core<S> {
     where
         M: ManageConnection<Connection = Client>,
     {
-        let failure = failure_of(conn, &e);
+        let failure = self.classify(conn, &e);
         let cleaned = match (S::KIND, failure) {
             // The session is gone, and everything it held with it.
             (_, Failure::Closed) => Ok(()),
@@ -443,7 +453,7 @@ impl<S: Scope> Core<S> {
         };
         match run_retrying(conn, &sql) {
             Ok(_) => Ok(()),
-            Err(e) if failure_of(conn, &e) == Failure::Closed => {
+            Err(e) if self.classify(conn, &e) == Failure::Closed => {
                 Err(self.lost(LostReason::SessionEnded, Some(e)))
             }
             Err(e) => {
@@ -551,7 +561,7 @@ impl<S: Scope> Core<S> {
                 }
                 Err(e) => e,
             };
-            match failure_of(conn, &error) {
+            match self.classify(conn, &error) {
                 Failure::Closed => {
                     warn!(
                         "lock {} was lost: its session ended ({})",
@@ -644,7 +654,7 @@ impl<S: Scope> Core<S> {
             }
             Err(e) => e,
         };
-        if failure_of(conn, &error) == Failure::Closed {
+        if self.classify(conn, &error) == Failure::Closed {
             warn!(
                 "lock {}: the connection closed during COMMIT; whether it committed is \
                  unknown ({})",
@@ -689,13 +699,22 @@ impl<S: Scope> Core<S> {
     }
 
     /// Asks the server whether this session holds the lock.
-    pub(crate) fn is_held(&self, client: &mut Client) -> Result<bool> {
+    pub(crate) fn is_held(&mut self, client: &mut Client) -> Result<bool> {
         let sql = sql::is_held(self.spec.options.mode, &self.spec.key);
         match simple(client, &sql) {
             Ok(rows) => Ok(truthy(col(&last(rows), 0))),
-            Err(e) if failure_of(client, &e) == Failure::Closed => Ok(false),
+            Err(e) if self.classify(client, &e) == Failure::Closed => Ok(false),
             Err(e) => Err(self.database("is_held", e)),
         }
+    }
+
+    /// Classifies an error, and remembers a session seen to end.
+    fn classify(&mut self, client: &Client, e: &postgres::Error) -> Failure {
+        let failure = failure_of(client, e);
+        if failure == Failure::Closed {
+            self.dead = true;
+        }
+        failure
     }
 
     /// Ends the database session: the server frees every lock it held, and the client
@@ -704,6 +723,7 @@ impl<S: Scope> Core<S> {
     fn end_session(&mut self, client: &mut Client, why: &str) {
         self.held = false;
         self.quiet = None;
+        self.dead = true;
         if client.is_closed() {
             return;
         }
@@ -762,6 +782,8 @@ impl<S: Scope> Core<S> {
     }
 
     pub(crate) fn lost(&self, reason: LostReason, source: Option<postgres::Error>) -> Error {
+        // (The callers that saw the session end mark it dead themselves: `lost` is also
+        // used where only the guard's view changed.)
         Error::LockLost {
             key: self.spec.key.clone(),
             reason,

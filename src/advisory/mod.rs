@@ -487,8 +487,14 @@ where
     ///
     /// No guard can be alive here; if one was leaked with `mem::forget`, this releases it
     /// first, as dropping the lock would. The connection's prepared statements stay with
-    /// it, in its r2d2 extensions. If the lock's session had died, the connection returned
-    /// is closed.
+    /// it, in its r2d2 extensions.
+    ///
+    /// # Errors
+    ///
+    /// If the lock's connection had died, the lock takes a fresh one from its pool first:
+    /// [`Error::Pool`] if there was none to be had, [`Error::LockLost`] for a lock made
+    /// [`from_connection`](AdvisoryLock::from_connection) whose connection died and was
+    /// discarded. (Before 0.2 this returned the connection itself.)
     ///
     /// # Examples
     ///
@@ -502,20 +508,16 @@ where
     ///     // ... run job "a"
     /// #   drop(guard);
     /// }
-    /// let mut conn = lock.into_connection();
+    /// let mut conn = lock.into_connection()?;
     /// conn.execute("SELECT 1", &[])?;
     /// # Ok(())
     /// # }
     /// ```
-    pub fn into_connection(mut self) -> PooledConnection<M> {
-        if let Some(conn) = self.conn.as_mut() {
-            self.core.release_leaked(conn);
-        }
-        match self.conn.take() {
-            Some(conn) => conn,
-            // Only an owned guard takes the connection, and it consumes the lock.
-            None => unreachable!("a lock lost its connection while it was still usable"),
-        }
+    pub fn into_connection(mut self) -> Result<PooledConnection<M>> {
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        self.core.release_leaked(conn);
+        let conn = self.conn.take();
+        conn.ok_or_else(|| self.core.lost(crate::LostReason::SessionEnded, None))
     }
 
     /// A handle that cancels this lock's waits from another thread. See [`CancelHandle`].
@@ -550,9 +552,15 @@ where
         pool: &Option<Pool<M>>,
         core: &mut Core<S>,
     ) -> Result<&'c mut PooledConnection<M>> {
-        let dead = conn.as_ref().is_none_or(|c| c.is_closed());
+        let dead = core.is_dead() || conn.as_mut().is_none_or(|c| c.is_closed());
         if let (true, Some(pool)) = (dead, pool) {
-            // The old one (if any) is closed: r2d2 discards it.
+            // Give the dead one back first (a pool of one has no other), closed, so that
+            // r2d2 discards it: a client learns of the closed socket on its next use.
+            if let Some(mut old) = conn.take() {
+                if !old.is_closed() {
+                    let _ = old.simple_query("");
+                }
+            }
             let fresh = core.checkout(pool)?;
             core.connected(&fresh);
             *conn = Some(fresh);
