@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{count, counter, pool_with};
-use pglock::{Error, LockOptions, TxGuard, TxLock};
+use pglock::{Error, LockOptions, SessionGuard, TxGuard, TxLock};
 
 /// PgBouncer in transaction mode, in front of the test server.
 fn pgbouncer_config() -> postgres::Config {
@@ -111,4 +111,84 @@ fn transaction_lock_checks_work_behind_a_transaction_pooler() {
         TxGuard::commit(guard),
         Err(Error::LockLost { .. })
     ));
+}
+
+#[test]
+fn session_locks_through_a_transaction_pooler_never_grant_one_lock_twice() {
+    // Session locks are re-entrant per server session: behind a transaction-mode pooler,
+    // client B can land on the server session where client A holds the key, and its try
+    // would succeed. pglock's session marker makes B's call fail instead, naming the
+    // cause, so two clients never both believe they hold the lock.
+    use pglock::SessionLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // Deterministic first: one client holds; others arrive on the pooler's server sessions.
+    let key = unique_key!();
+    let pool = pool_with(8, pgbouncer_config());
+    let mut a = SessionLock::new(&pool, key.clone()).unwrap();
+    let held = a.try_lock().unwrap().expect("a free key");
+    let mut shared = 0;
+    for _ in 0..8 {
+        let mut b = SessionLock::new(&pool, key.clone()).unwrap();
+        match b.try_lock() {
+            Ok(None) => {}
+            Ok(Some(_)) => panic!("a second client got a lock that is held"),
+            Err(Error::SessionShared { other, .. }) => {
+                assert!(other.starts_with("pglock:"), "{other}");
+                shared += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        };
+    }
+    assert!(
+        shared > 0,
+        "no client landed on the holder's server session (pool of 4 server sessions)"
+    );
+    std::mem::forget(held); // its server session is not ours to clean up
+
+    // Then under load: 8 clients, 4 server sessions, one key.
+    let key = unique_key!("load");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, key, inside, entered, barrier) = (
+                pool.clone(),
+                key.clone(),
+                Arc::clone(&inside),
+                Arc::clone(&entered),
+                Arc::clone(&barrier),
+            );
+            thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..25 {
+                    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+                    match lock.try_lock() {
+                        Ok(Some(guard)) => {
+                            let n = inside.fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(n, 0, "two clients held the lock at once");
+                            entered.fetch_add(1, Ordering::SeqCst);
+                            thread::yield_now();
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            // The unlock may land on another server session: lost, or
+                            // shared; either way it must say so.
+                            match SessionGuard::unlock(guard) {
+                                Ok(())
+                                | Err(Error::LockLost { .. })
+                                | Err(Error::SessionShared { .. }) => {}
+                                Err(e) => panic!("{e:?}"),
+                            }
+                        }
+                        Ok(None) | Err(Error::SessionShared { .. }) => {}
+                        Err(e) => panic!("{e:?}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(entered.load(Ordering::SeqCst) >= 1);
 }

@@ -573,11 +573,26 @@ where
 
     /// Takes the lock within `limit`: the guard, or how long it waited for a busy lock.
     fn acquire(&mut self, limit: Limit) -> Result<Result<AdvisoryGuard<'_, S, M>, Duration>> {
+        if let Outcome::Busy { waited } = self.acquire_outcome(limit)? {
+            return Ok(Err(waited));
+        }
         let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
-        Ok(match self.core.acquire(conn, limit)? {
-            Outcome::Locked => Ok(AdvisoryGuard::new(conn, &mut self.core)),
-            Outcome::Busy { waited } => Err(waited),
-        })
+        Ok(Ok(AdvisoryGuard::new(conn, &mut self.core)))
+    }
+
+    /// Takes the lock within `limit` on the lock's live connection. A session found dead
+    /// by the attempt itself (terminated while idle) held nothing: with a pool, the
+    /// attempt is made once more on a fresh connection.
+    fn acquire_outcome(&mut self, limit: Limit) -> Result<Outcome> {
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        match self.core.acquire(conn, limit) {
+            Err(e) if self.core.is_dead() && self.pool.is_some() => {
+                log::debug!("{e}; again on a fresh connection");
+                let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+                self.core.acquire(conn, limit)
+            }
+            other => other,
+        }
     }
 
     /// [`acquire`](Self::acquire), for an owned guard.
@@ -585,8 +600,7 @@ where
         &mut self,
         limit: Limit,
     ) -> Result<Result<OwnedAdvisoryGuard<S, M>, Duration>> {
-        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
-        if let Outcome::Busy { waited } = self.core.acquire(conn, limit)? {
+        if let Outcome::Busy { waited } = self.acquire_outcome(limit)? {
             return Ok(Err(waited));
         }
         let core = self.core.take();
