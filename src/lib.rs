@@ -82,16 +82,21 @@
 //!   server disagree about who holds the lock only if the holder keeps working without
 //!   talking to the server; work done through the lock's own connection fails instead.
 //! - **Transaction-mode poolers break session locks.** PgBouncer with
-//!   `pool_mode = transaction` sends each transaction to any server session, so a session
-//!   lock lands on one and its unlock on another (pglock then reports
-//!   [`Error::LockLost`]). Use [`TxLock`] there, or connect directly or in session mode.
+//!   `pool_mode = transaction` sends each transaction to any server session, and serves
+//!   many clients from one server session. A session lock marks the server session it
+//!   holds a lock on; a lock call from another client that lands there fails with
+//!   [`Error::SessionShared`] and takes nothing, and an unlock that lands on another
+//!   session reports [`Error::LockLost`] or [`Error::SessionShared`]. Use [`TxLock`]
+//!   there, or connect directly or in session mode.
 //!
 //! # Timeouts
 //!
-//! Bounded waits use the server's `lock_timeout`, set with `SET LOCAL` in the same
-//! simple-protocol batch as the lock call: one round trip, and nothing is left set on the
-//! pooled connection. The same batch lifts `statement_timeout`, so a short role- or
-//! session-level `statement_timeout` cannot cut a wait short (or cancel an unlock). A zero
+//! Bounded waits use the server's `lock_timeout`, set for the lock statement alone
+//! (`set_config(..., true)` in the statement itself): one round trip, and nothing is left
+//! set on the pooled connection. Where the session has a `statement_timeout` (or
+//! PostgreSQL 17's `transaction_timeout`), which pglock learns from the replies of its own
+//! statements, the wait and the unlock go in a batch that lifts it with `SET LOCAL`, so it
+//! cannot cut a wait short (or cancel an unlock). A zero
 //! timeout means "try once", never PostgreSQL's "wait forever". A timeout above
 //! PostgreSQL's limit (`i32::MAX` ms) is an [`Error::InvalidArgument`], never clamped.
 //!
@@ -113,9 +118,19 @@
 //! By default a blocked call waits on the server, which wakes it the instant the lock is
 //! free and detects deadlocks ([`Error::Deadlock`]). A session waiting on the server holds
 //! a virtual transaction, though, and a holder that runs `CREATE INDEX CONCURRENTLY` waits
-//! for every such transaction to end: holder and waiter deadlock, undetected. Migration
-//! runners should use [`WaitMode::Poll`], which polls with non-blocking tries and jittered
-//! backoff, outside any transaction.
+//! for every such transaction to end: holder and waiter deadlock, and after
+//! `deadlock_timeout` the server fails one of them (on PostgreSQL 15 the waiter gets
+//! [`Error::Deadlock`]; which side is the server's choice). Migration runners should use
+//! [`WaitMode::Poll`], which polls with non-blocking tries and jittered backoff, outside
+//! any transaction, and lets the index build finish.
+//!
+//! Pollers are not fair against server waiters: a session queued on the server gets the
+//! lock the instant it is freed, before any poller's next try, so a poller beside busy
+//! server waiters can starve (measured: one critical section per poller in 3 s against
+//! 48 server waiters). Use one wait mode per key. Among pollers alone polling is not FIFO
+//! either: whoever tries first after a release wins, and a poller that has waited long
+//! tries only every `max_interval` (jittered), so keep `max_interval` short where waits
+//! must be fair.
 //!
 //! # Deadlocks
 //!
