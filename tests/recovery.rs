@@ -166,3 +166,67 @@ fn a_session_that_refuses_pg_terminate_backend_is_still_ended() {
     });
     SessionGuard::unlock(held).unwrap();
 }
+
+/// A TLS connector that refuses every connection: a cancel request sent through it never
+/// leaves the client.
+struct RefusingTls;
+
+impl postgres::tls::MakeTlsConnect<postgres::Socket> for RefusingTls {
+    type Stream = postgres::tls::NoTlsStream;
+    type TlsConnect = postgres::NoTls;
+    type Error = std::io::Error;
+
+    fn make_tls_connect(&mut self, _domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Err(std::io::Error::other("refused by the test"))
+    }
+}
+
+#[test]
+fn a_cancel_that_could_not_be_sent_releases_the_lock_its_wait_then_took() {
+    // The cancel request cannot be sent, so the wait goes on until the server grants the
+    // lock. The waiter then holds it for real, finds itself cancelled, releases it, and
+    // reports Cancelled: the path where a cancelled call actually took the lock.
+    for transaction in [false, true] {
+        let key = unique_key!(transaction);
+        let pool = pool(2);
+        let mut admin = admin();
+        let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+        let held = holder.lock().unwrap();
+        let (cancel, pid, done) =
+            common::spawn_waiter(&pool, &key, LockOptions::new(), transaction);
+        wait_for_waiters(&mut admin, &key, 1);
+        let err = cancel.cancel_with(RefusingTls).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Database {
+                    operation: "cancel",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(cancel.is_cancelled());
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the wait cannot end before the lock is free: no request reached the server"
+        );
+        SessionGuard::unlock(held).unwrap();
+        let err = done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiter did not return")
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Cancelled { key: k } if k == &key),
+            "{err:?}"
+        );
+        assert_eq!(
+            holders(&mut admin, &key),
+            0,
+            "the lock the wait took was released"
+        );
+        assert_eq!(common::advisory_locks_of(&mut admin, pid), 0);
+        // The session was trusted (no cancel request can land on it later): it lives on.
+        assert!(backend_state(&mut admin, pid).is_some());
+    }
+}
