@@ -118,14 +118,13 @@ fn session_lock_operations_cost_one_round_trip() {
         let mut lock = lock.unwrap();
         assert_eq!(n, 0, "{mode:?}: making a lock");
 
-        // A connection's first use prepares each statement once (one more round trip),
-        // and learns the session's timeouts; a connection is used many times.
+        // A connection's first use of each statement prepares it, in the same round trip.
         let (n, guard) = proxy.count(|| lock.try_lock().unwrap().unwrap());
-        assert_eq!(n, 2, "{mode:?}: first try_lock: prepare, execute");
+        assert_eq!(n, 1, "{mode:?}: first try_lock: prepare and execute");
         let (n, _) = proxy.count(|| SessionGuard::unlock(guard).unwrap());
-        assert_eq!(n, 2, "{mode:?}: first unlock: prepare, execute");
+        assert_eq!(n, 1, "{mode:?}: first unlock: prepare and execute");
         let (n, guard) = proxy.count(|| lock.lock().unwrap());
-        assert_eq!(n, 2, "{mode:?}: first lock: prepare, execute");
+        assert_eq!(n, 1, "{mode:?}: first lock: prepare and execute");
         drop(guard);
 
         let (n, guard) = proxy.count(|| lock.try_lock().unwrap().unwrap());

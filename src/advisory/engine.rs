@@ -12,8 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use postgres::types::{ToSql, Type};
-use postgres::{Client, SimpleQueryMessage, Statement};
+use postgres::{Client, SimpleQueryMessage};
 use r2d2::{ManageConnection, Pool, PooledConnection};
 
 use super::scope::sealed::Kind;
@@ -243,11 +242,7 @@ impl<S: Scope> Core<S> {
         let (mode, key) = (spec.options.mode, &spec.key);
         match S::KIND {
             Kind::Session => {
-                let reply = run_prepared(
-                    conn,
-                    prepared_text(Statement3::Try, mode, key),
-                    &spec.params(None),
-                );
+                let reply = run_prepared(conn, Statement3::Try, &spec, None);
                 let row = match reply {
                     Ok(rows) => last(rows),
                     Err(e) => return Err(self.failed_acquire(conn, e)),
@@ -297,18 +292,10 @@ impl<S: Scope> Core<S> {
         }
         // With the settings quiet, one prepared statement; else a batch that lifts them.
         let result = match (S::KIND, quiet) {
-            (Kind::Session, true) => {
-                let ms = ms.to_string();
-                run_prepared(
-                    conn,
-                    prepared_text(Statement3::Wait, mode, key),
-                    &spec.params(Some(&ms)),
-                )
+            (Kind::Session, true) => run_prepared(conn, Statement3::Wait, &spec, Some(ms)),
+            (Kind::Session, false) => {
+                simple(conn, &sql::session_wait(mode, key, Args::Lifted, token, ms))
             }
-            (Kind::Session, false) => simple(
-                conn,
-                &sql::session_wait(mode, key, Args::Literals, token, ms),
-            ),
             (Kind::Transaction, _) => simple(conn, &sql::tx_wait(mode, key, ms, !quiet)),
         };
         let end = self
@@ -490,14 +477,17 @@ impl<S: Scope> Core<S> {
     where
         M: ManageConnection<Connection = Client>,
     {
-        if used {
-            self.forget_settings();
-        }
-        match (S::KIND, success) {
+        let result = match (S::KIND, success) {
             (Kind::Session, _) => self.unlock_session(conn, used),
             (Kind::Transaction, true) => self.commit(conn),
             (Kind::Transaction, false) => self.rollback(conn),
+        };
+        // A session unlock's reply tells the settings as the critical section left them;
+        // nothing else does.
+        if used && (S::KIND == Kind::Transaction || result.is_err()) {
+            self.forget_settings();
         }
+        result
     }
 
     /// Releases a lock that was taken but must not be handed out. Never fails: a release
@@ -538,23 +528,29 @@ impl<S: Scope> Core<S> {
         self.held = false;
         let spec = Arc::clone(&self.spec);
         let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
-        let mut fast = !used && self.quiet == Some(true);
+        // The session's timeouts were quiet when the lock was taken: the critical section
+        // can only have changed them through the connection (`used`). Unused, one
+        // prepared statement does. Used, a simple Query does, to see a transaction left
+        // open; should a timeout the critical section set cancel it, the retry lifts it.
+        let quiet = self.quiet == Some(true);
+        let mut args = match (used, quiet) {
+            (false, true) => Args::Params,
+            (true, true) => Args::Literals,
+            (_, false) => Args::Lifted,
+        };
         let mut retried = false;
         loop {
+            let fast = args == Args::Params;
             let reply = if fast {
-                run_prepared(
-                    conn,
-                    prepared_text(Statement3::Unlock, mode, key),
-                    &spec.params(None),
-                )
+                run_prepared(conn, Statement3::Unlock, &spec, None)
             } else {
-                simple(conn, &sql::session_unlock(mode, key, Args::Literals, token))
+                simple(conn, &sql::session_unlock(mode, key, args, token))
             };
             let error = match reply {
                 Ok(rows) => {
                     let first = rows.first().cloned().unwrap_or_default();
                     let row = last(rows);
-                    self.learn(&first, if fast { 3 } else { 0 });
+                    self.learn(&first, if args == Args::Lifted { 0 } else { 3 });
                     // The open-transaction probe holds in a simple Query only; the
                     // prepared unlock runs only where no transaction can be open.
                     return self.unlocked(conn, &row, !fast);
@@ -574,13 +570,13 @@ impl<S: Scope> Core<S> {
                     // The critical section left a failed transaction open; its work failed
                     // with an error the caller saw. End it, then unlock.
                     retried = true;
-                    fast = false;
+                    args = Args::Lifted;
                     self.end_transaction(conn, "of a failed transaction left open")?;
                 }
                 Failure::Canceled if !retried => {
                     // A statement_timeout or a late cancel request: again, lifted.
                     retried = true;
-                    fast = false;
+                    args = Args::Lifted;
                 }
                 _ => {
                     warn!(
@@ -810,35 +806,15 @@ impl Spec {
         })
     }
 
-    /// The parameters of a prepared session statement: the key, the token, then `extra`.
-    fn params<'a>(&'a self, extra: Option<&'a str>) -> Params<'a> {
-        let mut params: Params<'a> = Vec::with_capacity(4);
-        match (self.key.as_i64(), self.key.as_pair()) {
-            (Some(_), _) => params.push((Param::Single(&self.key), Type::INT8)),
-            (_, Some(_)) => {
-                params.push((Param::First(&self.key), Type::INT4));
-                params.push((Param::Second(&self.key), Type::INT4));
-            }
-            _ => {}
+    /// The arguments of a prepared session statement as literals: the key, the token,
+    /// then `ms` (digits only, as everything here).
+    fn execute_args(&self, ms: Option<u32>) -> String {
+        let mut args = format!("{}, {}", self.key.sql_args(), sql::literal(&self.token));
+        if let Some(ms) = ms {
+            args.push_str(&format!(", '{ms}'"));
         }
-        params.push((Param::Text(&self.token), Type::TEXT));
-        if let Some(extra) = extra {
-            params.push((Param::Text(extra), Type::TEXT));
-        }
-        params
+        args
     }
-}
-
-/// The parameters of a prepared statement, with their types (for the unprepared fallback).
-type Params<'a> = Vec<(Param<'a>, Type)>;
-
-/// One parameter.
-#[derive(Debug)]
-enum Param<'a> {
-    Single(&'a LockKey),
-    First(&'a LockKey),
-    Second(&'a LockKey),
-    Text(&'a str),
 }
 
 /// Which prepared session statement.
@@ -871,101 +847,81 @@ fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static s
 }
 
 /// Prepared statements of one connection, kept in its r2d2 extensions so they outlive
-/// the lock that prepared them.
+/// the lock that prepared them. SQL-level `PREPARE` with names unique to the connection
+/// (the protocol-level names of the `postgres` crate, `s0`, `s1`, ..., are the same in
+/// every process, so behind a pooler one client could execute another's statement).
 #[derive(Default)]
 struct Prepared {
-    statements: HashMap<&'static str, Statement>,
-    /// Preparing failed here (a pooler without prepared-statement support): send the
-    /// statements unprepared, still one round trip each.
-    off: bool,
+    /// Statement text to its name.
+    names: HashMap<&'static str, String>,
+    /// Makes the names unique to this connection.
+    prefix: String,
+    /// Statements that vanished (`DEALLOCATE`, `DISCARD ALL`, a pooler): after two,
+    /// send the statements unprepared, still one round trip each.
+    vanished: u32,
 }
 
-/// Runs a prepared session statement, preparing it on the connection's first use. Falls
-/// back to an unnamed statement (one round trip, parsed each time) where named ones do not
-/// work, and when the statement vanished (`DEALLOCATE`, `DISCARD ALL`).
+/// Runs a prepared session statement; the first use on a connection prepares it in the
+/// same round trip. Falls back to the same statement unprepared where prepared ones do
+/// not work.
 fn run_prepared<M>(
     conn: &mut PooledConnection<M>,
-    text: &'static str,
-    params: &Params<'_>,
+    which: Statement3,
+    spec: &Spec,
+    ms: Option<u32>,
 ) -> Result<Vec<Row>, postgres::Error>
 where
     M: ManageConnection<Connection = Client>,
 {
-    let values: Vec<Box<dyn ToSql + Sync + '_>> = params.iter().map(|(p, _)| p.value()).collect();
-    let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| &**v as _).collect();
-    let cached = PooledConnection::extensions(conn)
-        .get::<Prepared>()
-        .map(|p| (p.off, p.statements.get(text).cloned()));
-    let statement = match cached {
-        Some((true, _)) => None,
-        Some((false, Some(statement))) => Some(statement),
-        _ => match conn.prepare(text) {
-            Ok(statement) => {
-                update_prepared(conn, |p| {
-                    p.statements.insert(text, statement.clone());
-                });
-                Some(statement)
-            }
-            Err(e) if e.is_closed() || conn.is_closed() => return Err(e),
-            Err(e) => {
-                debug!(
-                    "preparing failed ({}); sending statements unprepared",
-                    describe(&e)
-                );
-                update_prepared(conn, |p| p.off = true);
-                None
-            }
-        },
+    let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
+    let unprepared = || match which {
+        Statement3::Try => sql::session_try(mode, key, Args::Literals, token),
+        Statement3::Wait => sql::session_wait(mode, key, Args::Literals, token, ms.unwrap_or(0)),
+        Statement3::Unlock => sql::session_unlock(mode, key, Args::Literals, token),
     };
-    if let Some(statement) = statement {
-        match conn.query(&statement, &refs) {
-            Ok(rows) => return Ok(rows.iter().map(text_row).collect()),
-            Err(e) if e.code() == Some(&postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) => {
-                debug!("a prepared statement vanished; sending it unprepared");
-                update_prepared(conn, |p| p.statements.clear());
+    let text = prepared_text(which, mode, key);
+    let mut prepared = PooledConnection::extensions_mut(conn)
+        .remove::<Prepared>()
+        .unwrap_or_default();
+    let execute = format!("EXECUTE {{}}({})", spec.execute_args(ms));
+    let (sql, new) = match prepared.names.get(text) {
+        _ if prepared.vanished >= 2 => (unprepared(), false),
+        Some(name) => (execute.replace("{}", name), false),
+        None => {
+            if prepared.prefix.is_empty() {
+                prepared.prefix = format!("{:x}", wait::seed());
             }
-            Err(e) => return Err(e),
+            let name = format!("pglock_{}_{}", prepared.prefix, prepared.names.len());
+            let types = match (key.as_pair().is_some(), which) {
+                (false, Statement3::Wait) => "bigint, text, text",
+                (false, _) => "bigint, text",
+                (true, Statement3::Wait) => "integer, integer, text, text",
+                (true, _) => "integer, integer, text",
+            };
+            let sql = format!(
+                "PREPARE {name}({types}) AS {text}; {}",
+                execute.replace("{}", &name)
+            );
+            prepared.names.insert(text, name);
+            (sql, true)
         }
+    };
+    // A PREPARE stays even when the rest of its batch fails (a busy or full lock table);
+    // if it did not take, the next EXECUTE finds out.
+    let result = simple(conn, &sql);
+    let vanished = matches!(&result, Err(e) if !new
+        && e.code() == Some(&postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME));
+    if vanished {
+        debug!("a prepared statement vanished; sending it unprepared");
+        prepared.names.clear();
+        prepared.prefix.clear(); // new names: some of the old ones may still exist
+        prepared.vanished += 1;
     }
-    let typed: Vec<(&(dyn ToSql + Sync), Type)> = refs
-        .iter()
-        .zip(params)
-        .map(|(v, (_, t))| (*v, t.clone()))
-        .collect();
-    Ok(conn
-        .query_typed(text, &typed)?
-        .iter()
-        .map(text_row)
-        .collect())
-}
-
-/// Changes the connection's prepared statements.
-fn update_prepared<M>(conn: &mut PooledConnection<M>, change: impl FnOnce(&mut Prepared))
-where
-    M: ManageConnection<Connection = Client>,
-{
-    let extensions = PooledConnection::extensions_mut(conn);
-    let mut prepared = extensions.remove::<Prepared>().unwrap_or_default();
-    change(&mut prepared);
-    extensions.insert(prepared);
-}
-
-impl Param<'_> {
-    fn value(&self) -> Box<dyn ToSql + Sync + '_> {
-        match *self {
-            Param::Single(k) => Box::new(k.as_i64().unwrap_or_default()),
-            Param::First(k) => Box::new(k.as_pair().map_or(0, |p| p.0)),
-            Param::Second(k) => Box::new(k.as_pair().map_or(0, |p| p.1)),
-            Param::Text(t) => Box::new(t),
-        }
+    PooledConnection::extensions_mut(conn).insert(prepared);
+    if vanished {
+        return simple(conn, &unprepared());
     }
-}
-
-/// A typed row as text columns (every prepared statement selects text).
-fn text_row(row: &postgres::Row) -> Row {
-    (0..row.len())
-        .map(|i| row.try_get::<_, Option<String>>(i).ok().flatten())
-        .collect()
+    result
 }
 
 /// Runs a simple-protocol batch and returns its rows as text.

@@ -45,17 +45,20 @@ const LIFT_TRANSACTION_TIMEOUT: &str =
     "SELECT CASE WHEN pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL \
      THEN pg_catalog.set_config('transaction_timeout', '0', true) END";
 
-/// How a statement receives the key: as parameters (`$1` or `$1, $2`) or as literals.
+/// How a statement receives the key: as parameters (`$1` or `$1, $2`) for a prepared
+/// statement, or as literals in a simple-protocol Query, alone or in a batch that first
+/// lifts the session's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Args {
     Params,
     Literals,
+    Lifted,
 }
 
 /// The key as function arguments.
 fn key_args(key: &LockKey, args: Args) -> String {
     match args {
-        Args::Literals => key.sql_args(),
+        Args::Literals | Args::Lifted => key.sql_args(),
         Args::Params if key.as_pair().is_some() => "$1, $2".to_owned(),
         Args::Params => "$1".to_owned(),
     }
@@ -69,7 +72,7 @@ fn param(key: &LockKey, n: usize) -> String {
 
 /// A text literal. Only for the lock's token and numbers, never for user input; quotes are
 /// doubled all the same.
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -77,7 +80,7 @@ fn literal(text: &str) -> String {
 fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
     match args {
         Args::Params => param(key, 0),
-        Args::Literals => literal(token),
+        Args::Literals | Args::Lifted => literal(token),
     }
 }
 
@@ -112,7 +115,7 @@ pub(crate) fn session_wait(
     let t = token_sql(key, args, token);
     let lt = match args {
         Args::Params => param(key, 1),
-        Args::Literals => literal(&ms.to_string()),
+        Args::Literals | Args::Lifted => literal(&ms.to_string()),
     };
     // The target list runs left to right: the marker (rolled back with the statement if
     // the wait fails), the settings, lock_timeout, then the wait.
@@ -124,8 +127,8 @@ pub(crate) fn session_wait(
          FROM (SELECT {MARKER} AS v OFFSET 0) s"
     );
     match args {
-        Args::Params => select,
-        Args::Literals => guarded(&select),
+        Args::Params | Args::Literals => select,
+        Args::Lifted => guarded(&select),
     }
 }
 
@@ -146,8 +149,8 @@ pub(crate) fn session_unlock(mode: LockMode, key: &LockKey, args: Args, token: &
          FROM (SELECT {MARKER} AS v OFFSET 0) s"
     );
     match args {
-        Args::Params => select,
-        Args::Literals => guarded(&select),
+        Args::Params | Args::Literals => select,
+        Args::Lifted => guarded(&select),
     }
 }
 
@@ -328,7 +331,7 @@ mod tests {
     #[test]
     fn session_batches_lift_the_timeouts_first() {
         let key = LockKey::new(-7);
-        let sql = session_wait(LockMode::Exclusive, &key, Args::Literals, TOKEN, 1500);
+        let sql = session_wait(LockMode::Exclusive, &key, Args::Lifted, TOKEN, 1500);
         assert!(sql.starts_with(&format!(
             "SELECT {SETTINGS}; SET LOCAL statement_timeout = 0; "
         )));
@@ -338,8 +341,11 @@ mod tests {
         );
         assert!(sql.contains("pg_advisory_lock(-7)"), "{sql}");
         assert!(sql.contains("'pglock:1:ab'"), "{sql}");
-        let sql = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN);
+        let sql = session_unlock(LockMode::Shared, &key, Args::Lifted, TOKEN);
         assert!(sql.contains("SET LOCAL statement_timeout = 0"), "{sql}");
+        let plain = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN);
+        assert!(plain.starts_with("SELECT CASE"), "{plain}");
+        assert!(!plain.contains(';'), "one statement: {plain}");
         assert!(sql.contains("pg_advisory_unlock_shared(-7)"), "{sql}");
     }
 
