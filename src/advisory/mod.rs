@@ -246,8 +246,8 @@ where
     /// Takes the lock if it is free. This function does not block.
     ///
     /// Returns `Ok(None)` if the lock is held elsewhere (by another session, or in a
-    /// conflicting mode). One round trip (two on a connection's first use, which prepares
-    /// the statement).
+    /// conflicting mode). One round trip (a connection's first one also prepares the
+    /// statement, in the same round trip).
     ///
     /// # Errors
     ///

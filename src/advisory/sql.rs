@@ -6,10 +6,10 @@
 //! (letters, digits and `:`) and fixed text is ever put into SQL text.
 //!
 //! Two protocols:
-//! - `SessionLock` sends one prepared statement per operation (extended protocol, the key
-//!   and the bound as parameters), and a simple-protocol batch only when the session's
-//!   `statement_timeout` (or PostgreSQL 17's `transaction_timeout`) could cut a wait or an
-//!   unlock short: `SET LOCAL` then lifts it for that batch alone.
+//! - `SessionLock` sends one prepared statement per operation (`PREPARE` once per
+//!   connection, then `EXECUTE` with the key and the bound as arguments), and a batch that
+//!   lifts the session's `statement_timeout` (or PostgreSQL 17's `transaction_timeout`)
+//!   with `SET LOCAL` only when one could cut a wait or an unlock short.
 //! - `TxLock` always sends simple-protocol batches, so that `BEGIN` rides with the lock in
 //!   one round trip and no named prepared statement is needed behind a pooler.
 //!
