@@ -36,14 +36,24 @@ struct Spec {
     token: String,
 }
 
+/// What a lock knows of its session's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settings {
+    /// `statement_timeout` and `transaction_timeout` are off: nothing can cut a wait or
+    /// an unlock short.
+    quiet: bool,
+    /// `lock_timeout` is off: an unbounded wait needs not override it.
+    no_lock_timeout: bool,
+}
+
 /// The state of one lock, apart from its connection.
 #[derive(Debug)]
 pub(crate) struct Core<S> {
     spec: Arc<Spec>,
-    /// Whether the session's `statement_timeout` and `transaction_timeout` are known to be
-    /// off, so waits and unlocks need not lift them: learnt from the replies of the lock's
-    /// own statements, forgotten when the critical section had the connection.
-    quiet: Option<bool>,
+    /// What the session's settings are, so waits and unlocks need not lift or override
+    /// them: learnt from the replies of the lock's own statements, forgotten when the
+    /// critical section had the connection (a session unlock's reply tells them again).
+    settings: Option<Settings>,
     /// Made by the first `cancel_handle()`: until then nobody can cancel, and waits skip
     /// the bookkeeping.
     cancel: OnceLock<Arc<CancelState>>,
@@ -58,7 +68,7 @@ impl<S: Scope> Core<S> {
     pub(crate) fn new(key: LockKey, options: LockOptions) -> Result<Core<S>> {
         Ok(Core {
             spec: Arc::new(Spec::new(key, options)?),
-            quiet: None,
+            settings: None,
             cancel: OnceLock::new(),
             held: false,
             dead: false,
@@ -76,7 +86,7 @@ impl<S: Scope> Core<S> {
     pub(crate) fn take(&mut self) -> Core<S> {
         let spent = Core {
             spec: Arc::clone(&self.spec),
-            quiet: None,
+            settings: None,
             cancel: OnceLock::new(),
             held: false,
             dead: false,
@@ -99,7 +109,7 @@ impl<S: Scope> Core<S> {
     /// A new connection replaces a closed one: nothing is known about its settings, and
     /// cancel requests go to it from now on.
     pub(crate) fn connected(&mut self, client: &Client) {
-        self.quiet = None;
+        self.settings = None;
         self.held = false;
         self.dead = false;
         if let Some(cancel) = self.cancel.get() {
@@ -165,7 +175,7 @@ impl<S: Scope> Core<S> {
 
     /// The critical section had the connection: it may have changed settings.
     pub(crate) fn forget_settings(&mut self) {
-        self.quiet = None;
+        self.settings = None;
     }
 
     /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
@@ -240,14 +250,22 @@ impl<S: Scope> Core<S> {
     {
         let spec = Arc::clone(&self.spec);
         let (mode, key) = (spec.options.mode, &spec.key);
+        let learn = self.settings.is_none();
         match S::KIND {
             Kind::Session => {
-                let reply = run_prepared(conn, Statement3::Try, &spec, None);
+                let which = if learn {
+                    Statement3::TryLearning
+                } else {
+                    Statement3::Try
+                };
+                let reply = run_prepared(conn, which, &spec, None);
                 let row = match reply {
                     Ok(rows) => last(rows),
                     Err(e) => return Err(self.failed_acquire(conn, e)),
                 };
-                self.learn(&row, 2);
+                if learn {
+                    self.learn(&row, 2);
+                }
                 match col(&row, 0) {
                     Some("") => Ok(false),
                     Some(_) => Ok(true),
@@ -255,11 +273,13 @@ impl<S: Scope> Core<S> {
                 }
             }
             Kind::Transaction => {
-                let row = match simple(conn, &sql::tx_try(mode, key)) {
+                let row = match simple(conn, &sql::tx_try(mode, key, learn)) {
                     Ok(rows) => last(rows),
                     Err(e) => return Err(self.failed_acquire(conn, e)),
                 };
-                self.learn(&row, 2);
+                if learn {
+                    self.learn(&row, 2);
+                }
                 if truthy(col(&row, 0)) {
                     return Ok(true);
                 }
@@ -286,17 +306,29 @@ impl<S: Scope> Core<S> {
         };
         let spec = Arc::clone(&self.spec);
         let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
-        let quiet = self.quiet == Some(true);
+        let settings = self.settings;
+        let quiet = settings.is_some_and(|s| s.quiet);
         if let Some(cancel) = self.cancel.get() {
             cancel.begin_server_wait()?;
         }
-        // With the settings quiet, one prepared statement; else a batch that lifts them.
-        let result = match (S::KIND, quiet) {
-            (Kind::Session, true) => run_prepared(conn, Statement3::Wait, &spec, Some(ms)),
-            (Kind::Session, false) => {
+        // With the settings quiet, one prepared statement (a transaction lock: one that
+        // leaves lock_timeout alone if it already has the wanted value); else a batch that
+        // lifts them.
+        let result = match (S::KIND, settings) {
+            (Kind::Session, Some(s)) if s.quiet => {
+                run_prepared(conn, Statement3::Wait, &spec, Some(ms))
+            }
+            (Kind::Session, _) => {
                 simple(conn, &sql::session_wait(mode, key, Args::Lifted, token, ms))
             }
-            (Kind::Transaction, _) => simple(conn, &sql::tx_wait(mode, key, ms, !quiet)),
+            (Kind::Transaction, settings) => {
+                let how = match settings {
+                    Some(s) if s.quiet && s.no_lock_timeout && ms == 0 => sql::TxWait::Plain,
+                    Some(s) if s.quiet => sql::TxWait::SetLockTimeout,
+                    _ => sql::TxWait::Lift,
+                };
+                simple(conn, &sql::tx_wait(mode, key, ms, how))
+            }
         };
         let end = self
             .cancel
@@ -310,10 +342,12 @@ impl<S: Scope> Core<S> {
         }
         match result {
             Ok(rows) => {
-                let settings_at = if quiet { 2 } else { 0 };
-                let first = rows.first().cloned().unwrap_or_default();
+                if !quiet {
+                    // The lifting batch's first row is the settings.
+                    let first = rows.first().cloned().unwrap_or_default();
+                    self.learn(&first, 0);
+                }
                 let row = last(rows);
-                self.learn(&first, settings_at);
                 if S::KIND == Kind::Session && col(&row, 0).is_none() {
                     return Err(self.shared_session(col(&row, 1)));
                 }
@@ -336,13 +370,14 @@ impl<S: Scope> Core<S> {
         }
     }
 
-    /// Remembers whether the settings in `row` (from column `at`) are quiet.
+    /// Remembers the settings in `row`, from column `at`: `statement_timeout`,
+    /// `transaction_timeout`, `lock_timeout`.
     fn learn(&mut self, row: &Row, at: usize) {
-        let statement = col(row, at);
-        let transaction = col(row, at + 1);
-        if statement.is_some() {
-            self.quiet = Some(statement == Some("0") && matches!(transaction, None | Some("0")));
-        }
+        let (statement, transaction, lock) = (col(row, at), col(row, at + 1), col(row, at + 2));
+        self.settings = statement.map(|statement| Settings {
+            quiet: statement == "0" && matches!(transaction, None | Some("0")),
+            no_lock_timeout: lock == Some("0"),
+        });
     }
 
     fn shared_session(&self, other: Option<&str>) -> Error {
@@ -532,7 +567,7 @@ impl<S: Scope> Core<S> {
         // can only have changed them through the connection (`used`). Unused, one
         // prepared statement does. Used, a simple Query does, to see a transaction left
         // open; should a timeout the critical section set cancel it, the retry lifts it.
-        let quiet = self.quiet == Some(true);
+        let quiet = self.settings.is_some_and(|s| s.quiet);
         let mut args = match (used, quiet) {
             (false, true) => Args::Params,
             (true, true) => Args::Literals,
@@ -544,13 +579,17 @@ impl<S: Scope> Core<S> {
             let reply = if fast {
                 run_prepared(conn, Statement3::Unlock, &spec, None)
             } else {
-                simple(conn, &sql::session_unlock(mode, key, args, token))
+                simple(conn, &sql::session_unlock(mode, key, args, token, true))
             };
             let error = match reply {
                 Ok(rows) => {
                     let first = rows.first().cloned().unwrap_or_default();
                     let row = last(rows);
-                    self.learn(&first, if args == Args::Lifted { 0 } else { 3 });
+                    match args {
+                        Args::Lifted => self.learn(&first, 0),
+                        Args::Literals => self.learn(&row, 4),
+                        Args::Params => {}
+                    }
                     // The open-transaction probe holds in a simple Query only; the
                     // prepared unlock runs only where no transaction can be open.
                     return self.unlocked(conn, &row, !fast);
@@ -718,7 +757,7 @@ impl<S: Scope> Core<S> {
     /// `pg_terminate_backend` is refused, the session is made to time out at once.
     fn end_session(&mut self, client: &mut Client, why: &str) {
         self.held = false;
-        self.quiet = None;
+        self.settings = None;
         self.dead = true;
         if client.is_closed() {
             return;
@@ -821,6 +860,8 @@ impl Spec {
 #[derive(Debug, Clone, Copy)]
 enum Statement3 {
     Try,
+    /// A try that also reads the session's settings.
+    TryLearning,
     Wait,
     Unlock,
 }
@@ -828,7 +869,7 @@ enum Statement3 {
 /// The text of a prepared session statement: one per statement, mode and key space, made
 /// once per process.
 fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static str {
-    static TEXTS: [OnceLock<String>; 12] = [const { OnceLock::new() }; 12];
+    static TEXTS: [OnceLock<String>; 16] = [const { OnceLock::new() }; 16];
     let pair = key.as_pair().is_some();
     let i = (which as usize) * 4 + usize::from(mode == LockMode::Shared) * 2 + usize::from(pair);
     TEXTS[i].get_or_init(|| {
@@ -839,9 +880,10 @@ fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static s
             LockKey::new(0)
         };
         match which {
-            Statement3::Try => sql::session_try(mode, &key, Args::Params, ""),
+            Statement3::Try => sql::session_try(mode, &key, Args::Params, "", false),
+            Statement3::TryLearning => sql::session_try(mode, &key, Args::Params, "", true),
             Statement3::Wait => sql::session_wait(mode, &key, Args::Params, "", 0),
-            Statement3::Unlock => sql::session_unlock(mode, &key, Args::Params, ""),
+            Statement3::Unlock => sql::session_unlock(mode, &key, Args::Params, "", false),
         }
     })
 }
@@ -875,9 +917,10 @@ where
 {
     let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
     let unprepared = || match which {
-        Statement3::Try => sql::session_try(mode, key, Args::Literals, token),
+        Statement3::Try => sql::session_try(mode, key, Args::Literals, token, false),
+        Statement3::TryLearning => sql::session_try(mode, key, Args::Literals, token, true),
         Statement3::Wait => sql::session_wait(mode, key, Args::Literals, token, ms.unwrap_or(0)),
-        Statement3::Unlock => sql::session_unlock(mode, key, Args::Literals, token),
+        Statement3::Unlock => sql::session_unlock(mode, key, Args::Literals, token, false),
     };
     let text = prepared_text(which, mode, key);
     let mut prepared = PooledConnection::extensions_mut(conn)

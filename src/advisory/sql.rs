@@ -35,10 +35,22 @@ pub(crate) const TX_LOST: &str = "pglock: the lock's transaction ended inside th
 /// The current marker of the server session, '' when none.
 const MARKER: &str = "COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '')";
 
-/// The settings that can cut a wait short: `statement_timeout`, and `transaction_timeout`
-/// where the server has it (NULL before PostgreSQL 17).
+/// The session settings a lock's statements depend on: `statement_timeout` and
+/// `transaction_timeout` (NULL before PostgreSQL 17), which can cut a wait short, and
+/// `lock_timeout`, which a wait must override unless it already has the wanted value.
+/// Read once per lock and connection, and again after a critical section used it.
 const SETTINGS: &str = "pg_catalog.current_setting('statement_timeout'), \
-     pg_catalog.current_setting('transaction_timeout', true)";
+     pg_catalog.current_setting('transaction_timeout', true), \
+     pg_catalog.current_setting('lock_timeout')";
+
+/// `, SETTINGS` when `learn`.
+fn settings(learn: bool) -> String {
+    if learn {
+        format!(", {SETTINGS}")
+    } else {
+        String::new()
+    }
+}
 
 /// Lifts `transaction_timeout` for the rest of the transaction, where the server has it.
 const LIFT_TRANSACTION_TIMEOUT: &str =
@@ -86,20 +98,28 @@ fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
 
 /// Session lock, one non-blocking try. Columns: the outcome (the token when locked, ''
 /// when busy, NULL when the session carries another client's marker), the marker found,
-/// and the two settings.
-pub(crate) fn session_try(mode: LockMode, key: &LockKey, args: Args, token: &str) -> String {
+/// and with `learn` the settings.
+pub(crate) fn session_try(
+    mode: LockMode,
+    key: &LockKey,
+    args: Args,
+    token: &str,
+    learn: bool,
+) -> String {
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
+    let learn = settings(learn);
     format!(
         "SELECT CASE WHEN s.v = '' THEN CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
          THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) ELSE '' END END, \
-         s.v, {SETTINGS} FROM (SELECT {MARKER} AS v OFFSET 0) s"
+         s.v{learn} FROM (SELECT {MARKER} AS v OFFSET 0) s"
     )
 }
 
-/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Columns
-/// as for [`session_try`]; a wait that runs out fails with 55P03.
+/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Columns:
+/// the outcome (the token when locked, NULL when the session carries another client's
+/// marker) and the marker found; a wait that runs out fails with 55P03.
 ///
 /// `ms` is the bound in milliseconds for literals; with parameters it is the parameter
 /// after the token.
@@ -118,10 +138,10 @@ pub(crate) fn session_wait(
         Args::Literals | Args::Lifted => literal(&ms.to_string()),
     };
     // The target list runs left to right: the marker (rolled back with the statement if
-    // the wait fails), the settings, lock_timeout, then the wait.
+    // the wait fails), lock_timeout, then the wait.
     let select = format!(
         "SELECT CASE WHEN s.v = '' THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) END, \
-         s.v, {SETTINGS}, \
+         s.v, \
          CASE WHEN s.v = '' THEN pg_catalog.set_config('lock_timeout', {lt}, true) END, \
          CASE WHEN s.v = '' THEN pg_catalog.pg_advisory_lock{m}({k})::text END \
          FROM (SELECT {MARKER} AS v OFFSET 0) s"
@@ -134,19 +154,27 @@ pub(crate) fn session_wait(
 
 /// Session unlock. Columns: whether it unlocked (NULL when the session carries another
 /// client's marker: nothing was touched), the marker found, whether a transaction was
-/// open (the critical section left one), and the two settings.
-pub(crate) fn session_unlock(mode: LockMode, key: &LockKey, args: Args, token: &str) -> String {
+/// open (the critical section left one), the marker's clearing, and with `learn` the
+/// settings.
+pub(crate) fn session_unlock(
+    mode: LockMode,
+    key: &LockKey,
+    args: Args,
+    token: &str,
+    learn: bool,
+) -> String {
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
+    let learn = settings(learn);
     // In one simple Query, now() (the transaction's start) equals statement_timestamp()
     // unless a transaction was already open. (Not so in the extended protocol, whose
     // statement timestamp is taken again at Execute: there the column means nothing.)
     let select = format!(
         "SELECT CASE WHEN s.v IN ('', {t}) THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
-         s.v, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, {SETTINGS}, \
-         CASE WHEN s.v IN ('', {t}) THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END \
-         FROM (SELECT {MARKER} AS v OFFSET 0) s"
+         s.v, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, \
+         CASE WHEN s.v IN ('', {t}) THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END\
+         {learn} FROM (SELECT {MARKER} AS v OFFSET 0) s"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -205,52 +233,69 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
 }
 
 /// Transaction lock, one non-blocking try: `BEGIN` and the try in one batch. Columns of
-/// its row: whether it locked, the marker, and the two settings.
-pub(crate) fn tx_try(mode: LockMode, key: &LockKey) -> String {
+/// its row: whether it locked, the marker, and with `learn` the settings.
+pub(crate) fn tx_try(mode: LockMode, key: &LockKey, learn: bool) -> String {
     format!(
         "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock{}({}), \
-         pg_catalog.set_config('{TX_MARKER}', '{}', true), {SETTINGS}",
+         pg_catalog.set_config('{TX_MARKER}', '{}', true){}",
         mode.fn_suffix(),
         key.sql_args(),
-        tx_marker(key)
+        tx_marker(key),
+        settings(learn)
     )
 }
 
+/// How a transaction lock's wait treats the session's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxWait {
+    /// `statement_timeout` and `transaction_timeout` are off, and `lock_timeout` already
+    /// has the wanted value: just the wait.
+    Plain,
+    /// The timeouts are off: `lock_timeout` is set for the wait and put back to the value
+    /// it had, in the same statement.
+    SetLockTimeout,
+    /// Unknown or set: `statement_timeout` and `transaction_timeout` are lifted for the
+    /// wait and put back the same way; the first row is the settings.
+    Lift,
+}
+
 /// Transaction lock, a wait bounded by `ms` (0: none), in a transaction that outlives the
-/// batch. `lock_timeout` is set for the wait and put back to the value it had in the same
-/// statement; with `lift`, `statement_timeout` and `transaction_timeout` are lifted for
-/// the wait and put back the same way, so the critical section sees the session's own
-/// settings on every path. The last row is the wait's; with `lift`, the first row is the
-/// settings.
-pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, lift: bool) -> String {
+/// batch, so the critical section sees the session's own settings on every path. The
+/// last row is the wait's: `true` and the marker.
+pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, how: TxWait) -> String {
     let (m, k, marker) = (mode.fn_suffix(), key.sql_args(), tx_marker(key));
-    let wait = format!(
+    let lock = format!(
+        "SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
+         pg_catalog.pg_advisory_xact_lock{m}({k})::text"
+    );
+    let set_lt = format!(
         "pg_catalog.set_config('lock_timeout', '{ms}', true), \
          pg_catalog.pg_advisory_xact_lock{m}({k})::text, \
          pg_catalog.set_config('lock_timeout', s.lt, true)"
     );
     let saved = "(SELECT pg_catalog.current_setting('lock_timeout') AS lt OFFSET 0) s";
-    if !lift {
-        return format!(
+    match how {
+        TxWait::Plain => format!("BEGIN; {lock}"),
+        TxWait::SetLockTimeout => format!(
             "BEGIN; SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
-             {SETTINGS}, {wait} FROM {saved}"
-        );
+             {set_lt} FROM {saved}"
+        ),
+        TxWait::Lift => format!(
+            "BEGIN; SELECT {SETTINGS}, \
+             pg_catalog.set_config('pglock.saved_statement_timeout', \
+             pg_catalog.current_setting('statement_timeout'), true), \
+             pg_catalog.set_config('pglock.saved_transaction_timeout', \
+             COALESCE(pg_catalog.current_setting('transaction_timeout', true), ''), true); \
+             SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; \
+             SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), {set_lt}, \
+             pg_catalog.set_config('statement_timeout', \
+             pg_catalog.current_setting('pglock.saved_statement_timeout'), true), \
+             CASE WHEN pg_catalog.current_setting('pglock.saved_transaction_timeout') <> '' \
+             THEN pg_catalog.set_config('transaction_timeout', \
+             pg_catalog.current_setting('pglock.saved_transaction_timeout'), true) END \
+             FROM {saved}"
+        ),
     }
-    format!(
-        "BEGIN; SELECT {SETTINGS}, \
-         pg_catalog.set_config('pglock.saved_statement_timeout', \
-         pg_catalog.current_setting('statement_timeout'), true), \
-         pg_catalog.set_config('pglock.saved_transaction_timeout', \
-         COALESCE(pg_catalog.current_setting('transaction_timeout', true), ''), true); \
-         SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; \
-         SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), NULL, NULL, {wait}, \
-         pg_catalog.set_config('statement_timeout', \
-         pg_catalog.current_setting('pglock.saved_statement_timeout'), true), \
-         CASE WHEN pg_catalog.current_setting('pglock.saved_transaction_timeout') <> '' \
-         THEN pg_catalog.set_config('transaction_timeout', \
-         pg_catalog.current_setting('pglock.saved_transaction_timeout'), true) END \
-         FROM {saved}"
-    )
 }
 
 /// Commits a transaction lock's transaction, after checking in SQL that it is still the
@@ -293,13 +338,16 @@ mod tests {
     #[test]
     fn session_statements_take_parameters() {
         let key = LockKey::new(42);
-        let sql = session_try(LockMode::Exclusive, &key, Args::Params, TOKEN);
+        let sql = session_try(LockMode::Exclusive, &key, Args::Params, TOKEN, false);
         assert!(sql.contains("pg_catalog.pg_try_advisory_lock($1)"), "{sql}");
         assert!(
             sql.contains("set_config('pglock.session_lock', $2, false)"),
             "{sql}"
         );
         assert!(!sql.contains(TOKEN), "{sql}");
+        assert!(!sql.contains("statement_timeout"), "{sql}");
+        let learning = session_try(LockMode::Exclusive, &key, Args::Params, TOKEN, true);
+        assert!(learning.contains(SETTINGS), "{learning}");
         let sql = session_wait(
             LockMode::Shared,
             &LockKey::pair(1, 2),
@@ -321,7 +369,7 @@ mod tests {
         );
         // lock_timeout is set before the wait, in the same target list.
         assert!(sql.find("'lock_timeout'") < sql.find("pg_advisory_lock_shared"));
-        let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN);
+        let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, false);
         assert!(
             sql.contains("s.v IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text"),
             "{sql}"
@@ -341,12 +389,12 @@ mod tests {
         );
         assert!(sql.contains("pg_advisory_lock(-7)"), "{sql}");
         assert!(sql.contains("'pglock:1:ab'"), "{sql}");
-        let sql = session_unlock(LockMode::Shared, &key, Args::Lifted, TOKEN);
+        let sql = session_unlock(LockMode::Shared, &key, Args::Lifted, TOKEN, true);
         assert!(sql.contains("SET LOCAL statement_timeout = 0"), "{sql}");
-        let plain = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN);
+        assert!(sql.contains("pg_advisory_unlock_shared(-7)"), "{sql}");
+        let plain = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN, true);
         assert!(plain.starts_with("SELECT CASE"), "{plain}");
         assert!(!plain.contains(';'), "one statement: {plain}");
-        assert!(sql.contains("pg_advisory_unlock_shared(-7)"), "{sql}");
     }
 
     #[test]
@@ -359,13 +407,18 @@ mod tests {
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
         assert_eq!(
-            tx_try(LockMode::Shared, &key),
-            format!(
-                "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), \
-                 pg_catalog.set_config('pglock.tx_lock', '1,-1', true), {SETTINGS}"
-            )
+            tx_try(LockMode::Shared, &key, false),
+            "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), \
+             pg_catalog.set_config('pglock.tx_lock', '1,-1', true)"
         );
-        let fast = tx_wait(LockMode::Exclusive, &key, 250, false);
+        assert!(tx_try(LockMode::Shared, &key, true).ends_with(SETTINGS));
+        let plain = tx_wait(LockMode::Exclusive, &key, 0, TxWait::Plain);
+        assert_eq!(
+            plain,
+            "BEGIN; SELECT true, pg_catalog.set_config('pglock.tx_lock', '1,-1', true), \
+             pg_catalog.pg_advisory_xact_lock(1, -1)::text"
+        );
+        let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
         assert!(fast.starts_with("BEGIN; SELECT true, "), "{fast}");
         assert!(!fast.contains("SET LOCAL"), "{fast}");
         assert!(
@@ -376,7 +429,7 @@ mod tests {
             fast.contains("set_config('lock_timeout', s.lt, true)"),
             "{fast}"
         );
-        let slow = tx_wait(LockMode::Exclusive, &key, 0, true);
+        let slow = tx_wait(LockMode::Exclusive, &key, 0, TxWait::Lift);
         assert!(slow.contains("SET LOCAL statement_timeout = 0"), "{slow}");
         assert!(slow.contains("pglock.saved_statement_timeout"), "{slow}");
         assert!(
