@@ -514,7 +514,7 @@ impl<S: Scope> Core<S> {
     {
         let result = match (S::KIND, success) {
             (Kind::Session, _) => self.unlock_session(conn, used),
-            (Kind::Transaction, true) => self.commit(conn),
+            (Kind::Transaction, true) => self.commit(conn, used),
             (Kind::Transaction, false) => self.rollback(conn),
         };
         // A session unlock's reply tells the settings as the critical section left them;
@@ -568,31 +568,36 @@ impl<S: Scope> Core<S> {
         // prepared statement does. Used, a simple Query does, to see a transaction left
         // open; should a timeout the critical section set cancel it, the retry lifts it.
         let quiet = self.settings.is_some_and(|s| s.quiet);
-        let mut args = match (used, quiet) {
-            (false, true) => Args::Params,
-            (true, true) => Args::Literals,
-            (_, false) => Args::Lifted,
+        // The session's timeouts were quiet when the lock was taken: the critical section
+        // can only have changed them through the connection (`used`), and then the unlock
+        // reads them again. Should a timeout the critical section set cancel the unlock,
+        // the retry lifts it.
+        let mut lift = !quiet;
+        let which = if used {
+            Statement3::UnlockLearning
+        } else {
+            Statement3::Unlock
         };
         let mut retried = false;
         loop {
-            let fast = args == Args::Params;
-            let reply = if fast {
-                run_prepared(conn, Statement3::Unlock, &spec, None)
+            let reply = if lift {
+                simple(
+                    conn,
+                    &sql::session_unlock(mode, key, Args::Lifted, token, true),
+                )
             } else {
-                simple(conn, &sql::session_unlock(mode, key, args, token, true))
+                run_prepared(conn, which, &spec, None)
             };
             let error = match reply {
                 Ok(rows) => {
                     let first = rows.first().cloned().unwrap_or_default();
                     let row = last(rows);
-                    match args {
-                        Args::Lifted => self.learn(&first, 0),
-                        Args::Literals => self.learn(&row, 4),
-                        Args::Params => {}
+                    if lift {
+                        self.learn(&first, 0);
+                    } else if used {
+                        self.learn(&row, 4);
                     }
-                    // The open-transaction probe holds in a simple Query only; the
-                    // prepared unlock runs only where no transaction can be open.
-                    return self.unlocked(conn, &row, !fast);
+                    return self.unlocked(conn, &row);
                 }
                 Err(e) => e,
             };
@@ -609,13 +614,13 @@ impl<S: Scope> Core<S> {
                     // The critical section left a failed transaction open; its work failed
                     // with an error the caller saw. End it, then unlock.
                     retried = true;
-                    args = Args::Lifted;
+                    lift = true;
                     self.end_transaction(conn, "of a failed transaction left open")?;
                 }
                 Failure::Canceled if !retried => {
                     // A statement_timeout or a late cancel request: again, lifted.
                     retried = true;
-                    args = Args::Lifted;
+                    lift = true;
                 }
                 _ => {
                     warn!(
@@ -631,7 +636,7 @@ impl<S: Scope> Core<S> {
     }
 
     /// Reads the reply of a session unlock.
-    fn unlocked<M>(&mut self, conn: &mut PooledConnection<M>, row: &Row, probed: bool) -> Result<()>
+    fn unlocked<M>(&mut self, conn: &mut PooledConnection<M>, row: &Row) -> Result<()>
     where
         M: ManageConnection<Connection = Client>,
     {
@@ -641,7 +646,7 @@ impl<S: Scope> Core<S> {
             return Err(self.shared_session(col(row, 1)));
         };
         let unlocked = truthy(Some(unlocked));
-        if probed && truthy(col(row, 2)) {
+        if truthy(col(row, 2)) {
             // A healthy transaction was left open: the unlock and the marker's clearing
             // ran inside it. Roll it back and clear the marker again, outside it.
             warn!(
@@ -670,7 +675,7 @@ impl<S: Scope> Core<S> {
 
     /// Commits the lock's transaction, which ends the transaction lock. The check that the
     /// transaction is still the lock's runs in SQL before `COMMIT`.
-    fn commit<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
+    fn commit<M>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()>
     where
         M: ManageConnection<Connection = Client>,
     {
@@ -682,7 +687,14 @@ impl<S: Scope> Core<S> {
             // Known dead before the commit was sent: nothing was committed.
             return Err(self.lost(LostReason::SessionEnded, None));
         }
-        let error = match conn.simple_query(&sql::tx_commit(&self.spec.key)) {
+        // A critical section that never had the connection cannot have ended the
+        // transaction or made it fail: a plain COMMIT then.
+        let commit = if used {
+            sql::tx_commit(&self.spec.key)
+        } else {
+            "COMMIT".to_owned()
+        };
+        let error = match conn.simple_query(&commit) {
             Ok(_) => {
                 debug!("committed and unlocked {}", self.spec.key);
                 return Ok(());
@@ -864,12 +876,14 @@ enum Statement3 {
     TryLearning,
     Wait,
     Unlock,
+    /// An unlock that also reads the session's settings.
+    UnlockLearning,
 }
 
 /// The text of a prepared session statement: one per statement, mode and key space, made
 /// once per process.
 fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static str {
-    static TEXTS: [OnceLock<String>; 16] = [const { OnceLock::new() }; 16];
+    static TEXTS: [OnceLock<String>; 20] = [const { OnceLock::new() }; 20];
     let pair = key.as_pair().is_some();
     let i = (which as usize) * 4 + usize::from(mode == LockMode::Shared) * 2 + usize::from(pair);
     TEXTS[i].get_or_init(|| {
@@ -884,6 +898,7 @@ fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static s
             Statement3::TryLearning => sql::session_try(mode, &key, Args::Params, "", true),
             Statement3::Wait => sql::session_wait(mode, &key, Args::Params, "", 0),
             Statement3::Unlock => sql::session_unlock(mode, &key, Args::Params, "", false),
+            Statement3::UnlockLearning => sql::session_unlock(mode, &key, Args::Params, "", true),
         }
     })
 }
@@ -921,6 +936,7 @@ where
         Statement3::TryLearning => sql::session_try(mode, key, Args::Literals, token, true),
         Statement3::Wait => sql::session_wait(mode, key, Args::Literals, token, ms.unwrap_or(0)),
         Statement3::Unlock => sql::session_unlock(mode, key, Args::Literals, token, false),
+        Statement3::UnlockLearning => sql::session_unlock(mode, key, Args::Literals, token, true),
     };
     let text = prepared_text(which, mode, key);
     let mut prepared = PooledConnection::extensions_mut(conn)

@@ -92,6 +92,9 @@ where
     /// # }
     /// ```
     pub fn is_held(this: &mut Self) -> Result<bool> {
+        // A statement ran in the lock's transaction: should it have failed, the commit
+        // must see that.
+        this.used = true;
         this.core.is_held(this.conn)
     }
 
@@ -336,6 +339,7 @@ where
     /// # }
     /// ```
     pub fn is_held(this: &mut Self) -> Result<bool> {
+        this.used = true;
         this.core.is_held(&mut this.conn)
     }
 

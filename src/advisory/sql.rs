@@ -167,9 +167,9 @@ pub(crate) fn session_unlock(
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
     let learn = settings(learn);
-    // In one simple Query, now() (the transaction's start) equals statement_timestamp()
-    // unless a transaction was already open. (Not so in the extended protocol, whose
-    // statement timestamp is taken again at Execute: there the column means nothing.)
+    // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
+    // start) equals statement_timestamp() unless a transaction was already open. (Not so
+    // in the extended protocol, whose statement timestamp is taken again at Execute.)
     let select = format!(
         "SELECT CASE WHEN s.v IN ('', {t}) THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
          s.v, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, \
