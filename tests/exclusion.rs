@@ -259,7 +259,8 @@ fn a_holder_killed_with_sigkill_frees_the_lock_for_another_process() {
         .expect("the waiter never got the lock");
     let delay = locked.duration_since(killed);
     eprintln!("waiter locked {delay:?} after the holder was killed");
-    assert!(delay < Duration::from_secs(1), "took {delay:?}");
+    // Milliseconds in practice (printed above); generous for a loaded CI machine.
+    assert!(delay < Duration::from_secs(3), "took {delay:?}");
     waiter.join().unwrap();
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{admin, backend_pid, holders, locks_on, pool, wait_for_waiters, waiters};
 use pglock::{
-    CancelHandle, Error, LockMode, LockOptions, Locker, LostReason, SessionGuard, SessionLock,
-    TxLock,
+    CancelHandle, Error, LockKey, LockMode, LockOptions, Locker, LostReason, SessionGuard,
+    SessionLock, TxLock,
 };
 
 #[test]
@@ -98,8 +98,9 @@ fn bounded_lock_times_out_within_its_window_and_holds_nothing() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(elapsed >= timeout, "returned after {elapsed:?}");
+    // Generous: CI runs on a loaded 2-core machine. The point is that it returned.
     assert!(
-        elapsed < timeout + Duration::from_millis(500),
+        elapsed < timeout + Duration::from_secs(5),
         "returned after {elapsed:?}"
     );
     assert_eq!(holders(&mut admin, &key), 1, "only the holder holds it");
@@ -109,7 +110,7 @@ fn bounded_lock_times_out_within_its_window_and_holds_nothing() {
     assert!(waiter.try_lock_for(timeout).unwrap().is_none());
     let elapsed = start.elapsed();
     assert!(
-        elapsed >= timeout && elapsed < timeout + Duration::from_millis(500),
+        elapsed >= timeout && elapsed < timeout + Duration::from_secs(5),
         "{elapsed:?}"
     );
 }
@@ -154,8 +155,9 @@ fn zero_timeout_means_try_not_forever() {
     let start = Instant::now();
     assert!(matches!(b.lock(), Err(Error::Timeout { .. })));
     assert!(b.try_lock_for(Duration::ZERO).unwrap().is_none());
+    // "Try once", not "wait forever": generous, as CI runs on a loaded machine.
     assert!(
-        start.elapsed() < Duration::from_secs(1),
+        start.elapsed() < Duration::from_secs(5),
         "{:?}",
         start.elapsed()
     );
@@ -342,18 +344,50 @@ fn a_transaction_left_open_in_the_critical_section_is_rolled_back_and_reported()
 
 #[test]
 fn stacked_raw_locks_are_not_confused_with_the_guard() {
-    // Session locks stack on the server: one taken with raw SQL on another session is
-    // independent of pglock's.
+    // Raw advisory locks, on another session and on the lock's own connection (other
+    // keys), are independent of pglock's: pglock's unlock releases its own level only.
     let key = unique_key!();
-    let pool = pool(1);
+    let other = unique_key!("other");
+    let pool = pool(2);
     let mut admin = admin();
+    let args = |k: &LockKey| k.as_i64().unwrap();
+
+    // A raw lock on another session excludes pglock, and pglock never releases it.
+    let mut raw = pool.get().unwrap();
+    raw.execute("SELECT pg_advisory_lock($1)", &[&args(&key)])
+        .unwrap();
     let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
-    let guard = lock.lock().unwrap();
-    drop(guard);
-    let guard = lock.lock().unwrap();
-    assert_eq!(holders(&mut admin, &key), 1);
-    drop(guard);
+    assert!(lock.try_lock().unwrap().is_none());
+    raw.execute("SELECT pg_advisory_unlock($1)", &[&args(&key)])
+        .unwrap();
+    drop(raw);
+
+    // Raw locks taken through the guard on other keys, one of them twice (stacked), stay
+    // when pglock unlocks its own.
+    let mut guard = lock.try_lock().unwrap().expect("free after the raw unlock");
+    let pid = backend_pid(&mut guard);
+    for _ in 0..2 {
+        guard
+            .execute("SELECT pg_advisory_lock($1)", &[&args(&other)])
+            .unwrap();
+    }
+    SessionGuard::unlock(guard).unwrap();
     assert_eq!(holders(&mut admin, &key), 0);
+    assert_eq!(
+        locks_on(&mut admin, &other),
+        vec![(pid, "ExclusiveLock".to_owned(), true)]
+    );
+    // Two levels: the first raw unlock leaves it held, the second frees it.
+    let mut conn = lock.into_connection().unwrap();
+    let unlock = |c: &mut postgres::Client| -> bool {
+        c.query_one("SELECT pg_advisory_unlock($1)", &[&args(&other)])
+            .unwrap()
+            .get(0)
+    };
+    assert!(unlock(&mut conn));
+    assert_eq!(holders(&mut admin, &other), 1);
+    assert!(unlock(&mut conn));
+    assert_eq!(holders(&mut admin, &other), 0);
 }
 
 #[test]
