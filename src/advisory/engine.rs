@@ -779,6 +779,11 @@ impl<S: Scope> Core<S> {
         let mut refused = None;
         for _ in 0..2 {
             match client.simple_query(&terminate) {
+                // The session ended (its FATAL can arrive before the function's row).
+                Err(e) if failure_of(client, &e) == Failure::Closed => {
+                    refused = None;
+                    break;
+                }
                 Err(e) if failure_of(client, &e) == Failure::Canceled => refused = Some(e),
                 Err(e) => {
                     refused = Some(e);

@@ -576,8 +576,11 @@ where
         if let Outcome::Busy { waited } = self.acquire_outcome(limit)? {
             return Ok(Err(waited));
         }
-        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
-        Ok(Ok(AdvisoryGuard::new(conn, &mut self.core)))
+        // The connection that took the lock, as it is: never a replacement.
+        match self.conn.as_mut() {
+            Some(conn) => Ok(Ok(AdvisoryGuard::new(conn, &mut self.core))),
+            None => Err(self.core.lost(crate::LostReason::SessionEnded, None)),
+        }
     }
 
     /// Takes the lock within `limit` on the lock's live connection. A session found dead
@@ -586,7 +589,8 @@ where
     fn acquire_outcome(&mut self, limit: Limit) -> Result<Outcome> {
         let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
         match self.core.acquire(conn, limit) {
-            Err(e) if self.core.is_dead() && self.pool.is_some() => {
+            // Not after a cancel (sticky) or a timeout: only a session that was gone.
+            Err(e @ Error::Database { .. }) if self.core.is_dead() && self.pool.is_some() => {
                 log::debug!("{e}; again on a fresh connection");
                 let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
                 self.core.acquire(conn, limit)
