@@ -45,6 +45,12 @@
 //! | `lock()` | up to [`LockOptions::lock_timeout`] (default: no bound) | [`Error::Timeout`] |
 //! | `with_lock(f)` | like `lock()` | like `lock()`; runs `f` and releases on every path |
 //!
+//! Both are one generic [`AdvisoryLock<S, M>`](AdvisoryLock) over a sealed [`Scope`].
+//! [`lock_owned`](AdvisoryLock::lock_owned) returns a guard that owns the lock and its
+//! connection (`'static + Send`), for a leader that keeps its lock in a struct or a thread;
+//! [`set_key`](AdvisoryLock::set_key) points one lock at another key without a new
+//! checkout. A lock made from a pool takes a fresh connection when its session died.
+//!
 //! # Keys
 //!
 //! A [`LockKey`] is an `i64`, an `(i32, i32)` pair, or a name. A name maps to PostgreSQL's
