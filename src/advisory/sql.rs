@@ -110,10 +110,13 @@ pub(crate) fn session_try(
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
     let learn = settings(learn);
+    // One flat target list, evaluated left to right (a subquery to read the marker once
+    // costs more than reading it twice). The marker column is read after the outcome: it
+    // is the one found whenever the outcome is NULL.
     format!(
-        "SELECT CASE WHEN s.v = '' THEN CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
+        "SELECT CASE WHEN {MARKER} = '' THEN CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
          THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) ELSE '' END END, \
-         s.v{learn} FROM (SELECT {MARKER} AS v OFFSET 0) s"
+         {MARKER}{learn}"
     )
 }
 
@@ -138,13 +141,14 @@ pub(crate) fn session_wait(
         Args::Literals | Args::Lifted => literal(&ms.to_string()),
     };
     // The target list runs left to right: the marker (rolled back with the statement if
-    // the wait fails), lock_timeout, then the wait.
+    // the wait fails), lock_timeout, then the wait, the last two only where the marker is
+    // now this lock's.
+    let ours = format!("{MARKER} = {t}");
     let select = format!(
-        "SELECT CASE WHEN s.v = '' THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) END, \
-         s.v, \
-         CASE WHEN s.v = '' THEN pg_catalog.set_config('lock_timeout', {lt}, true) END, \
-         CASE WHEN s.v = '' THEN pg_catalog.pg_advisory_lock{m}({k})::text END \
-         FROM (SELECT {MARKER} AS v OFFSET 0) s"
+        "SELECT CASE WHEN {MARKER} = '' THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) END, \
+         {MARKER}, \
+         CASE WHEN {ours} THEN pg_catalog.set_config('lock_timeout', {lt}, true) END, \
+         CASE WHEN {ours} THEN pg_catalog.pg_advisory_lock{m}({k})::text END"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -170,11 +174,11 @@ pub(crate) fn session_unlock(
     // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
     // start) equals statement_timestamp() unless a transaction was already open. (Not so
     // in the extended protocol, whose statement timestamp is taken again at Execute.)
+    let mine = format!("{MARKER} IN ('', {t})");
     let select = format!(
-        "SELECT CASE WHEN s.v IN ('', {t}) THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
-         s.v, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, \
-         CASE WHEN s.v IN ('', {t}) THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END\
-         {learn} FROM (SELECT {MARKER} AS v OFFSET 0) s"
+        "SELECT CASE WHEN {mine} THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
+         {MARKER}, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, \
+         CASE WHEN {mine} THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END{learn}"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -371,7 +375,7 @@ mod tests {
         assert!(sql.find("'lock_timeout'") < sql.find("pg_advisory_lock_shared"));
         let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, false);
         assert!(
-            sql.contains("s.v IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text"),
+            sql.contains("IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text"),
             "{sql}"
         );
     }
