@@ -16,6 +16,16 @@ fn rows(admin: &mut Client, name: &str) -> i64 {
         .get(0)
 }
 
+/// The values of a one-column table, in order.
+fn values(admin: &mut Client, table: &str) -> Vec<i32> {
+    admin
+        .query(&format!("SELECT x FROM {table} ORDER BY x"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[test]
 fn commit_publishes_the_work_and_frees_the_lock_at_once() {
     let key = unique_key!();
@@ -303,13 +313,7 @@ fn work_after_an_early_commit_is_never_committed() {
     ));
     // What ran inside the lock's transaction (2) was committed by the user's own COMMIT;
     // what ran after it (3) was not.
-    let seen: Vec<i32> = admin
-        .query(&format!("SELECT x FROM {table} ORDER BY x"), &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(seen, vec![2]);
+    assert_eq!(values(&mut admin, table), vec![2]);
     assert_eq!(holders(&mut admin, &key), 0);
     assert!(lock.try_lock().unwrap().is_some(), "usable again");
 }
@@ -349,13 +353,7 @@ fn guard_transaction_opens_a_savepoint_inside_the_lock() {
         "nothing visible before the commit"
     );
     TxGuard::commit(guard).unwrap();
-    let seen: Vec<i32> = admin
-        .query(&format!("SELECT x FROM {table} ORDER BY x"), &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(seen, vec![1]);
+    assert_eq!(values(&mut admin, table), vec![1]);
 }
 
 #[test]
