@@ -29,7 +29,8 @@ fn assert_clean(pool: &Pool, path: &str) {
             "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
                      AND pid = pg_backend_pid()), \
                     now() < statement_timestamp(), \
-                    current_setting('lock_timeout'), current_setting('statement_timeout')",
+                    current_setting('lock_timeout'), current_setting('statement_timeout'), \
+                    COALESCE(current_setting('pglock.session_lock', true), '')",
         )
         .unwrap_or_else(|e| panic!("{path}: the connection is not usable: {e:?}"));
     let row = messages
@@ -49,6 +50,12 @@ fn assert_clean(pool: &Pool, path: &str) {
     );
     assert_eq!(lock_timeout, "4s", "{path}: lock_timeout changed");
     assert_eq!(statement_timeout, "5s", "{path}: statement_timeout changed");
+    // A marker left behind would make the next session lock on this connection fail.
+    assert_eq!(
+        row.get(4),
+        Some(""),
+        "{path}: a session lock marker was left"
+    );
 }
 
 /// Holds `key` on another pool while `f` runs.
@@ -237,4 +244,30 @@ fn transaction_lock_paths_leave_the_connection_clean() {
     TxGuard::commit(guard).unwrap();
     drop(lock);
     assert_clean(&pool, "guard leaked, then locked and committed again");
+}
+
+#[test]
+fn prepared_statements_that_vanish_are_prepared_again() {
+    // A critical section that deallocates the session's prepared statements (DEALLOCATE
+    // ALL; DISCARD ALL also drops the lock itself) takes nothing from pglock's correctness:
+    // the unlock falls back to the unprepared statement, and the next calls prepare anew.
+    let key = unique_key!();
+    let pool = pool_of_one();
+    let mut admin = admin();
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    for round in 0..3 {
+        let mut guard = lock.lock().unwrap();
+        guard.batch_execute("DEALLOCATE ALL").unwrap();
+        SessionGuard::unlock(guard).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(common::holders(&mut admin, &key), 0, "round {round}");
+        assert!(lock.try_lock().unwrap().is_some(), "round {round}");
+    }
+    // DISCARD ALL ends the lock behind pglock's back: reported, and nothing stays.
+    let mut guard = lock.lock().unwrap();
+    guard.batch_execute("DISCARD ALL").unwrap();
+    let err = SessionGuard::unlock(guard).unwrap_err();
+    assert!(matches!(err, Error::LockLost { .. }), "{err:?}");
+    assert!(lock.try_lock().unwrap().is_some(), "usable again");
+    drop(lock);
+    assert_clean(&pool, "after DEALLOCATE ALL and DISCARD ALL");
 }

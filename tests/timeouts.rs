@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{admin, holders, pool, pool_with};
-use pglock::{Error, LockKey, LockMode, LockOptions, SessionLock, TxLock, WaitMode};
+use pglock::{
+    Error, LockKey, LockMode, LockOptions, SessionGuard, SessionLock, TxGuard, TxLock, WaitMode,
+};
 use postgres::Client;
 
 fn show(conn: &mut Client, setting: &str) -> String {
@@ -199,4 +201,36 @@ fn other_bad_arguments_are_invalid_arguments() {
     }
     // Nothing was taken or left behind by the rejected calls.
     assert_eq!(holders(&mut admin(), &unique_key!("zero poll")), 0);
+}
+
+#[test]
+fn a_statement_timeout_set_inside_the_critical_section_does_not_cut_the_next_wait_short() {
+    // pglock learns the session's timeouts from its own replies and skips lifting them
+    // while they are off. A critical section that sets one changes that: the next wait
+    // must lift it again, for both kinds of lock.
+    let key = unique_key!();
+    let pool = pool(3);
+    let bound = Duration::from_millis(600);
+    let options = LockOptions::new().lock_timeout(bound);
+    let mut session = SessionLock::with_options(&pool, key.clone(), options.clone()).unwrap();
+    let mut guard = session.lock().unwrap(); // learns: nothing to lift
+    guard.batch_execute("SET statement_timeout = 100").unwrap();
+    SessionGuard::unlock(guard).unwrap();
+    let mut tx = TxLock::with_options(&pool, key.clone(), options).unwrap();
+    let mut guard = tx.lock().unwrap();
+    // SET (not LOCAL) in a transaction outlives it.
+    guard.batch_execute("SET statement_timeout = 100").unwrap();
+    TxGuard::commit(guard).unwrap();
+
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let _held = holder.lock().unwrap();
+    let start = Instant::now();
+    let result = session.lock().map(|_| ());
+    // Not 57014 after 100 ms: a timeout after the bound pglock was given.
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(start.elapsed() >= bound, "after {:?}", start.elapsed());
+    let start = Instant::now();
+    let result = tx.lock().map(|_| ());
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(start.elapsed() >= bound, "after {:?}", start.elapsed());
 }
