@@ -113,11 +113,14 @@
 //! # Pool hygiene
 //!
 //! No path (success, error, timeout, cancel, panic, lost connection, failed unlock)
-//! returns a connection to the pool holding an advisory lock, an open transaction, or a
-//! changed setting. When a release cannot be confirmed, pglock ends the database session
-//! (`pg_terminate_backend(pg_backend_pid())`): the server frees every lock it held, and
-//! r2d2 discards the closed connection. Settings your own SQL changes with a
-//! session-level `SET` stay on the connection, as with any pooled connection.
+//! returns a connection to the pool holding an advisory lock, an open transaction, a
+//! session lock's marker, or a changed setting. When a release cannot be confirmed,
+//! pglock ends the database session (`pg_terminate_backend(pg_backend_pid())`, or, where
+//! a hardened server refuses that, idle timeouts of 1 ms): the server frees every lock it
+//! held, and r2d2 discards the closed connection. A session lock's prepared statements
+//! stay with the connection (in its r2d2 extensions) for the next lock on it. Settings
+//! your own SQL changes with a session-level `SET` stay on the connection, as with any
+//! pooled connection.
 //!
 //! # Waiting on the server, or polling
 //!
