@@ -234,3 +234,47 @@ fn a_statement_timeout_set_inside_the_critical_section_does_not_cut_the_next_wai
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
     assert!(start.elapsed() >= bound, "after {:?}", start.elapsed());
 }
+
+#[test]
+fn a_session_transaction_timeout_does_not_cut_a_wait_short() {
+    // PostgreSQL 17's transaction_timeout ends the whole session when a transaction runs
+    // too long: a wait must lift it, as it lifts statement_timeout. Servers before 17 do not
+    // have the setting, and pglock's statements must not trip over its absence there (the
+    // rest of the suite runs on such a server in CI; this test was run on 17.10 as well).
+    let key = unique_key!();
+    let mut admin = admin();
+    let has_it: Option<String> = admin
+        .query_one("SELECT current_setting('transaction_timeout', true)", &[])
+        .unwrap()
+        .get(0);
+    let Some(_) = has_it else {
+        eprintln!("this server has no transaction_timeout (before PostgreSQL 17)");
+        return;
+    };
+    let pool = pool(3);
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let _held = holder.lock().unwrap();
+    let bound = Duration::from_millis(600);
+    for transaction in [false, true] {
+        let mut conn = pool.get().unwrap();
+        conn.batch_execute("SET transaction_timeout = 200").unwrap();
+        let options = LockOptions::new().lock_timeout(bound);
+        let start = Instant::now();
+        let result = if transaction {
+            TxLock::from_connection(conn, key.clone(), options)
+                .unwrap()
+                .lock()
+                .map(|_| ())
+        } else {
+            SessionLock::from_connection(conn, key.clone(), options)
+                .unwrap()
+                .lock()
+                .map(|_| ())
+        };
+        assert!(
+            matches!(result, Err(Error::Timeout { .. })),
+            "transaction {transaction}: {result:?}"
+        );
+        assert!(start.elapsed() >= bound, "after {:?}", start.elapsed());
+    }
+}
