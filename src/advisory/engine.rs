@@ -365,6 +365,25 @@ impl<S: Scope> Core<S> {
                         waited: start.elapsed(),
                     });
                 }
+                if failure == Failure::Canceled && quiet && end == WaitEnd::Normal {
+                    // A timeout the session got behind pglock's back (a configuration
+                    // reload) cut a wait that did not lift it: what pglock knew of the
+                    // settings is stale. Forget it and wait out the rest, lifted.
+                    debug!("lock {}: the session's timeouts changed; lifting them", key);
+                    self.forget_settings();
+                    let rest = match limit {
+                        Limit::For(bound) => match bound.checked_sub(start.elapsed()) {
+                            Some(rest) if !rest.is_zero() => Limit::For(rest),
+                            _ => {
+                                return Ok(Outcome::Busy {
+                                    waited: start.elapsed(),
+                                })
+                            }
+                        },
+                        other => other,
+                    };
+                    return self.wait_on_server(conn, rest, start);
+                }
                 Err(error)
             }
         }
