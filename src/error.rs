@@ -184,6 +184,10 @@ pub enum LostReason {
     /// critical section (for example by SQL that contains `COMMIT`), which ended the lock
     /// early.
     TransactionEnded,
+    /// A lease ran out: its heartbeats did not renew it before the holder's own deadline
+    /// (the holder stopped trusting it), or the server found it expired or taken over by
+    /// another holder when renewing, fencing or releasing it.
+    LeaseExpired,
 }
 
 impl std::fmt::Display for LostReason {
@@ -192,6 +196,7 @@ impl std::fmt::Display for LostReason {
             LostReason::SessionEnded => "its database session ended",
             LostReason::NotHeld => "the server reported this session did not hold it",
             LostReason::TransactionEnded => "its transaction was ended inside the critical section",
+            LostReason::LeaseExpired => "the lease expired or was taken over",
         })
     }
 }

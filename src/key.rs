@@ -61,6 +61,9 @@ use std::sync::Arc;
 pub struct LockKey {
     id: KeyId,
     name: Option<Arc<str>>,
+    /// For a lease: its table, as written in SQL. The key then names a row, not an
+    /// advisory lock, and says so when displayed.
+    lease_table: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -75,6 +78,7 @@ impl LockKey {
         LockKey {
             id: KeyId::Single(key),
             name: None,
+            lease_table: None,
         }
     }
 
@@ -83,6 +87,7 @@ impl LockKey {
         LockKey {
             id: KeyId::Pair(key1, key2),
             name: None,
+            lease_table: None,
         }
     }
 
@@ -96,6 +101,7 @@ impl LockKey {
         LockKey {
             id: KeyId::Single(hash_text(name.as_bytes())),
             name: Some(Arc::from(name)),
+            lease_table: None,
         }
     }
 
@@ -147,6 +153,15 @@ impl LockKey {
 
     /// The argument list of the advisory-lock functions for this key, as SQL: `42` or
     /// `1, 2`. Integers only, so it is safe to inline in a simple-protocol query.
+    /// The key of the lease `name` in `table` (as written in SQL): displayed as a lease,
+    /// compared and hashed like [`LockKey::from_name`].
+    pub(crate) fn lease(table: &str, name: &str) -> Self {
+        LockKey {
+            lease_table: Some(Arc::from(table)),
+            ..LockKey::from_name(name)
+        }
+    }
+
     pub(crate) fn sql_args(&self) -> String {
         match self.id {
             KeyId::Single(key) => key.to_string(),
@@ -171,6 +186,13 @@ impl Hash for LockKey {
 
 impl fmt::Display for LockKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.lease_table, &self.name) {
+            (Some(table), Some(name)) if name.is_empty() => {
+                return write!(f, "lease table {table}")
+            }
+            (Some(table), Some(name)) => return write!(f, "{name:?} (lease in {table})"),
+            _ => {}
+        }
         match (&self.name, self.id) {
             (Some(name), KeyId::Single(key)) => write!(f, "{name:?} (key {key}, ")?,
             (None, KeyId::Single(key)) => write!(f, "{key} (")?,

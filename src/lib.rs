@@ -169,6 +169,7 @@ mod advisory;
 mod cancel;
 mod error;
 mod key;
+mod lease;
 mod locker;
 mod options;
 mod wait;
@@ -180,6 +181,10 @@ pub use crate::advisory::{
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};
 pub use crate::key::LockKey;
+pub use crate::lease::{
+    LeaseGuard, LeaseHolder, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable,
+    LeaseWatch, OwnedLeaseGuard,
+};
 pub use crate::locker::Locker;
 pub use crate::options::{LockMode, LockOptions, WaitMode};
 
