@@ -104,15 +104,17 @@ pub enum Error {
         source: postgres::Error,
     },
 
-    /// A session lock found its server session in use by another client: a
-    /// transaction-mode pooler (PgBouncer's `pool_mode = transaction`) sits between
-    /// pglock and PostgreSQL, where session locks cannot work. Nothing was taken (or, at
-    /// unlock, touched) on that session. Use [`TxLock`](crate::TxLock) through such a
-    /// pooler, or connect directly or through a session-mode pool.
+    /// A lock found its server session in use by another client: a transaction-mode
+    /// pooler (PgBouncer's `pool_mode = transaction`) sits between pglock and PostgreSQL,
+    /// where session locks cannot work. A [`SessionLock`](crate::SessionLock) found another
+    /// client's session lock marker there; a [`TxLock`](crate::TxLock) found that session
+    /// holding its key for another client's session lock (a grant there would be a second
+    /// holder). Nothing was taken (or, at unlock, touched) on that session. Use
+    /// [`TxLock`](crate::TxLock) or a lease through such a pooler, never `SessionLock`.
     #[error(
         "lock {key}: the server session is in use by another client (its session lock \
-         marker is {other:?}): a transaction-mode pooler is in between; use TxLock \
-         through it, or connect directly"
+         marker is {other:?}): a transaction-mode pooler is in between, where session \
+         locks cannot work; use TxLock or a lease through it, or connect directly"
     )]
     SessionShared {
         /// The lock.
@@ -182,7 +184,8 @@ pub enum LostReason {
     NotHeld,
     /// The transaction of a [`TxLock`](crate::TxLock) was committed or rolled back inside the
     /// critical section (for example by SQL that contains `COMMIT`), which ended the lock
-    /// early.
+    /// early. pglock recognises the lock's transaction by a transaction-local setting, so
+    /// a critical section that runs `RESET ALL` is reported this way too (and rolled back).
     TransactionEnded,
     /// A lease ran out: its heartbeats did not renew it before the holder's own deadline
     /// (the holder stopped trusting it), or the server found it expired or taken over by
@@ -195,7 +198,10 @@ impl std::fmt::Display for LostReason {
         f.write_str(match self {
             LostReason::SessionEnded => "its database session ended",
             LostReason::NotHeld => "the server reported this session did not hold it",
-            LostReason::TransactionEnded => "its transaction was ended inside the critical section",
+            LostReason::TransactionEnded => {
+                "its transaction was ended inside the critical section (or its marker was \
+                 cleared by RESET ALL)"
+            }
             LostReason::LeaseExpired => "the lease expired or was taken over",
         })
     }

@@ -47,6 +47,18 @@ fn increment_simple(conn: &mut postgres::Client, name: &str) {
     .unwrap();
 }
 
+/// Ends the server sessions where a session lock on `key` was stranded behind the pooler
+/// (its unlock landed on another server session), so that later runs against the same
+/// server find server sessions without a stale marker.
+fn end_stranded(key: &pglock::LockKey) {
+    let mut admin = common::admin();
+    for (pid, _, _) in common::locks_on(&mut admin, key) {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+    }
+}
+
 #[test]
 fn transaction_locks_exclude_behind_a_transaction_pooler() {
     let name = "pgbouncer-tx-counter";
@@ -157,6 +169,7 @@ fn session_locks_through_a_transaction_pooler_never_grant_one_lock_twice() {
         "no client landed on the holder's server session (pool of 4 server sessions)"
     );
     drop(held); // its unlock may land on another server session: logged, not ours to fix
+    end_stranded(&key);
 
     // Then under load: 8 clients, 4 server sessions, one key.
     let key = unique_key!(format!("load/{}", std::process::id()));
@@ -202,5 +215,77 @@ fn session_locks_through_a_transaction_pooler_never_grant_one_lock_twice() {
     for h in handles {
         h.join().unwrap();
     }
+    end_stranded(&key);
     assert!(entered.load(Ordering::SeqCst) >= 1);
+}
+
+#[test]
+fn a_transaction_lock_is_never_granted_where_another_clients_session_lock_holds_the_key() {
+    // Advisory locks are re-entrant per server session, whatever their scope: a TxLock
+    // landing on the server session where another client's SessionLock holds the key would
+    // be granted. pglock refuses it there (SessionShared) and takes nothing.
+    use pglock::SessionLock;
+    let key = unique_key!(std::process::id());
+    let pool = pool_with(8, pgbouncer_config());
+    let held = (0..20)
+        .find_map(|_| {
+            let a = SessionLock::new(&pool, key.clone()).unwrap();
+            match a.try_lock_owned() {
+                Ok(guard) => Some(guard.expect("a free key")),
+                Err(Error::SessionShared { .. }) => None,
+                Err(e) => panic!("{e:?}"),
+            }
+        })
+        .expect("no server session without a stale marker");
+    let mut shared = 0;
+    for _ in 0..8 {
+        let mut b = TxLock::new(&pool, key.clone()).unwrap();
+        match b.try_lock() {
+            Ok(None) => {}
+            Ok(Some(_)) => panic!("a transaction lock was granted while a session lock held it"),
+            Err(Error::SessionShared { other, .. }) => {
+                assert!(other.starts_with("pglock:"), "{other}");
+                shared += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        };
+    }
+    assert!(
+        shared > 0,
+        "no client landed on the holder's server session"
+    );
+    drop(held);
+}
+
+#[test]
+fn lease_locks_exclude_behind_a_transaction_pooler() {
+    use pglock::{LeaseLock, LeaseOptions, LeaseTable};
+    let name = &format!("{}/{}", function_name!(), std::process::id());
+    let mut admin = common::admin();
+    LeaseTable::default().create(&mut admin).unwrap();
+    counter(&mut admin, name);
+    // 8 clients on 4 server sessions.
+    let pool = pool_with(16, pgbouncer_config());
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, barrier, name) = (pool.clone(), Arc::clone(&barrier), name.clone());
+            thread::spawn(move || {
+                let options = LeaseOptions::new()
+                    .poll_interval(Duration::from_millis(1), Duration::from_millis(20));
+                let mut lock = LeaseLock::with_options(&pool, &name, options).unwrap();
+                let mut conn = pool.get().unwrap();
+                barrier.wait();
+                for _ in 0..25 {
+                    let guard = lock.lock().unwrap();
+                    increment_simple(&mut conn, &name);
+                    guard.unlock().unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(count(&mut admin, name), 200);
 }

@@ -343,6 +343,60 @@ fn a_transaction_left_open_in_the_critical_section_is_rolled_back_and_reported()
 }
 
 #[test]
+fn a_transaction_left_open_after_deallocate_all_is_still_reported() {
+    // pglock's own statements must not turn a healthy transaction left open into a
+    // failed one that it then rolls back without a word: not when the critical section
+    // dropped pglock's prepared statements, and not when an earlier unlock could not
+    // prepare its statement (inside a failed transaction).
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    common::fresh_table(&mut admin, "pglock_left_open_after_deallocate");
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+
+    // The first unlock meets a failed transaction: its PREPARE cannot take.
+    lock.with_lock(|conn| -> Result<(), Error> {
+        conn.batch_execute("BEGIN").unwrap();
+        assert!(conn.batch_execute("SELECT 1/0").is_err());
+        Ok(())
+    })
+    .expect("a failed transaction left open is rolled back; its error was seen");
+    // Next, a healthy transaction left open.
+    let result = lock.with_lock(|conn| -> Result<(), Error> {
+        conn.batch_execute("BEGIN; INSERT INTO pglock_left_open_after_deallocate VALUES (1)")
+            .unwrap();
+        Ok(())
+    });
+    assert!(
+        matches!(result, Err(Error::TransactionLeftOpen { .. })),
+        "{result:?}"
+    );
+    // Now with pglock's prepared statements dropped inside the critical section.
+    lock.with_lock(|_| Ok::<_, Error>(())).unwrap();
+    let result = lock.with_lock(|conn| -> Result<(), Error> {
+        conn.batch_execute(
+            "DEALLOCATE ALL; BEGIN; INSERT INTO pglock_left_open_after_deallocate VALUES (2)",
+        )
+        .unwrap();
+        Ok(())
+    });
+    assert!(
+        matches!(result, Err(Error::TransactionLeftOpen { .. })),
+        "{result:?}"
+    );
+    let rows: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pglock_left_open_after_deallocate",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the work was rolled back (and reported)");
+    assert_eq!(holders(&mut admin, &key), 0);
+    lock.with_lock(|_| Ok::<_, Error>(())).unwrap();
+}
+
+#[test]
 fn stacked_raw_locks_are_not_confused_with_the_guard() {
     // Raw advisory locks, on another session and on the lock's own connection (other
     // keys), are independent of pglock's: pglock's unlock releases its own level only.

@@ -437,3 +437,31 @@ fn the_critical_section_sees_the_sessions_settings_on_every_path() {
     assert_eq!(show(&mut conn, "statement_timeout"), "9s");
     assert_eq!(show(&mut conn, "lock_timeout"), "4s");
 }
+
+#[test]
+fn a_session_ended_by_idle_in_transaction_timeout_before_commit_is_lost_not_unknown() {
+    // The server ends the session while the critical section keeps it idle in the
+    // transaction, before COMMIT arrives: nothing was committed, and pglock says so
+    // (LockLost), not "outcome unknown".
+    let key = unique_key!();
+    let mut config = common::config();
+    config.options("-c idle_in_transaction_session_timeout=100");
+    let pool = pool_with(1, config);
+    let mut lock = TxLock::new(&pool, key).unwrap();
+    let result = lock.with_lock(|conn| -> Result<(), Error> {
+        conn.batch_execute("SELECT 1").unwrap();
+        // Idle in the transaction past the server's limit.
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(())
+    });
+    assert!(
+        matches!(
+            result,
+            Err(Error::LockLost {
+                reason: LostReason::SessionEnded,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}

@@ -283,6 +283,9 @@ impl<S: Scope> Core<S> {
                 if truthy(col(&row, 0)) {
                     return Ok(true);
                 }
+                if col(&row, 0).is_none() {
+                    return Err(self.refuse_shared_tx(conn));
+                }
                 // The try opened a transaction; end it before reporting "busy".
                 self.end_transaction(conn, "after a failed try")?;
                 Ok(false)
@@ -351,6 +354,9 @@ impl<S: Scope> Core<S> {
                 if S::KIND == Kind::Session && col(&row, 0).is_none() {
                     return Err(self.shared_session(col(&row, 1)));
                 }
+                if S::KIND == Kind::Transaction && !truthy(col(&row, 0)) {
+                    return Err(self.refuse_shared_tx(conn));
+                }
                 Ok(Outcome::Locked)
             }
             Err(e) => {
@@ -360,12 +366,19 @@ impl<S: Scope> Core<S> {
                     // Cancelled, but no request could be sent: the wait ended by itself.
                     return Err(self.cancelled());
                 }
-                if failure == Failure::LockTimeout {
+                // A wait with no bound set no lock_timeout of its own when the session had
+                // none: a lock_timeout that cut it came behind pglock's back (a
+                // configuration reload), like a statement_timeout below.
+                let stale_lock_timeout =
+                    failure == Failure::LockTimeout && ms == 0 && settings.is_some();
+                if failure == Failure::LockTimeout && !stale_lock_timeout {
                     return Ok(Outcome::Busy {
                         waited: start.elapsed(),
                     });
                 }
-                if failure == Failure::Canceled && quiet && end == WaitEnd::Normal {
+                if end == WaitEnd::Normal
+                    && (stale_lock_timeout || (failure == Failure::Canceled && quiet))
+                {
                     // A timeout the session got behind pglock's back (a configuration
                     // reload) cut a wait that did not lift it: what pglock knew of the
                     // settings is stale. Forget it and wait out the rest, lifted.
@@ -397,6 +410,22 @@ impl<S: Scope> Core<S> {
             quiet: statement == "0" && matches!(transaction, None | Some("0")),
             no_lock_timeout: lock == Some("0"),
         });
+    }
+
+    /// A transaction lock found its server session holding the key for another client's
+    /// session lock (a transaction-mode pooler in between): taking it would be a second
+    /// grant. Ends the transaction it began and reports the other client's marker.
+    fn refuse_shared_tx<M>(&mut self, conn: &mut PooledConnection<M>) -> Error
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        match simple(conn, &sql::tx_refuse_shared()) {
+            Ok(rows) => self.shared_session(col(&last(rows), 0)),
+            Err(e) => match self.end_transaction(conn, "after a refused lock") {
+                Err(error) => error,
+                Ok(()) => self.database("lock", e),
+            },
+        }
     }
 
     fn shared_session(&self, other: Option<&str>) -> Error {
@@ -598,6 +627,7 @@ impl<S: Scope> Core<S> {
             Statement3::Unlock
         };
         let mut retried = false;
+        let mut left_open = false;
         loop {
             let reply = if lift {
                 simple(
@@ -616,7 +646,13 @@ impl<S: Scope> Core<S> {
                     } else if used {
                         self.learn(&row, 4);
                     }
-                    return self.unlocked(conn, &row);
+                    let unlocked = self.unlocked(conn, &row);
+                    if left_open && unlocked.is_ok() {
+                        return Err(Error::TransactionLeftOpen {
+                            key: self.spec.key.clone(),
+                        });
+                    }
+                    return unlocked;
                 }
                 Err(e) => e,
             };
@@ -631,7 +667,9 @@ impl<S: Scope> Core<S> {
                 }
                 Failure::InFailedTransaction if !retried => {
                     // The critical section left a failed transaction open; its work failed
-                    // with an error the caller saw. End it, then unlock.
+                    // with an error the caller saw. End it, then unlock. Unless pglock's
+                    // own EXECUTE made it fail: then it was healthy, and its work is lost.
+                    left_open = take_aborted_open_transaction(conn);
                     retried = true;
                     lift = true;
                     self.end_transaction(conn, "of a failed transaction left open")?;
@@ -720,7 +758,20 @@ impl<S: Scope> Core<S> {
             }
             Err(e) => e,
         };
-        if self.classify(conn, &error) == Failure::Closed {
+        let closed = self.classify(conn, &error) == Failure::Closed;
+        if closed
+            && error.code() == Some(&postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT)
+        {
+            // The server ended the session while it sat idle in the transaction, before
+            // COMMIT arrived: nothing was committed.
+            warn!(
+                "lock {} was lost: idle_in_transaction_session_timeout ended its session \
+                 before COMMIT; nothing was committed",
+                self.spec.key
+            );
+            return Err(self.lost(LostReason::SessionEnded, Some(error)));
+        }
+        if closed {
             warn!(
                 "lock {}: the connection closed during COMMIT; whether it committed is \
                  unknown ({})",
@@ -940,6 +991,23 @@ struct Prepared {
     /// Statements that vanished (`DEALLOCATE`, `DISCARD ALL`, a pooler): after two,
     /// send the statements unprepared, still one round trip each.
     vanished: u32,
+    /// The number in the next statement's name: names are never reused, since a
+    /// `PREPARE` whose batch failed may or may not have taken.
+    next: u32,
+    /// Set when an `EXECUTE` of a vanished statement aborted a healthy transaction that
+    /// the critical section had left open (its work is lost: the caller must hear of it).
+    aborted_open_transaction: bool,
+}
+
+/// Takes the flag that says pglock's own failed `EXECUTE` aborted a transaction the
+/// critical section had left open (healthy until then).
+fn take_aborted_open_transaction<M>(conn: &mut PooledConnection<M>) -> bool
+where
+    M: ManageConnection<Connection = Client>,
+{
+    PooledConnection::extensions_mut(conn)
+        .get_mut::<Prepared>()
+        .is_some_and(|p| std::mem::take(&mut p.aborted_open_transaction))
 }
 
 /// Runs a prepared session statement; the first use on a connection prepares it in the
@@ -974,7 +1042,8 @@ where
             if prepared.prefix.is_empty() {
                 prepared.prefix = format!("{:x}", wait::seed());
             }
-            let name = format!("pglock_{}_{}", prepared.prefix, prepared.names.len());
+            let name = format!("pglock_{}_{}", prepared.prefix, prepared.next);
+            prepared.next += 1;
             let types = match (key.as_pair().is_some(), which) {
                 (false, Statement3::Wait) => "bigint, text, text",
                 (false, _) => "bigint, text",
@@ -989,9 +1058,12 @@ where
             (sql, true)
         }
     };
-    // A PREPARE stays even when the rest of its batch fails (a busy or full lock table);
-    // if it did not take, the next EXECUTE finds out.
     let result = simple(conn, &sql);
+    if new && result.is_err() {
+        // The PREPARE may not have taken (in a failed transaction, say): prepare again
+        // next time, under a new name in case it did.
+        prepared.names.remove(text);
+    }
     let vanished = matches!(&result, Err(e) if !new
         && e.code() == Some(&postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME));
     if vanished {
@@ -1001,10 +1073,21 @@ where
         prepared.vanished += 1;
     }
     PooledConnection::extensions_mut(conn).insert(prepared);
-    if vanished {
-        return simple(conn, &unprepared());
+    if !vanished {
+        return result;
     }
-    result
+    let fallback = simple(conn, &unprepared());
+    if matches!(&fallback, Err(e)
+        if e.code() == Some(&postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
+    {
+        // The EXECUTE found no statement (26000) rather than a failed transaction (25P02):
+        // the transaction was healthy until that EXECUTE aborted it, so the critical
+        // section had left a healthy transaction open, and its work is now lost.
+        if let Some(p) = PooledConnection::extensions_mut(conn).get_mut::<Prepared>() {
+            p.aborted_open_transaction = true;
+        }
+    }
+    fallback
 }
 
 /// Runs a simple-protocol batch and returns its rows as text.

@@ -236,17 +236,41 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
     key.sql_args().replace(' ', "")
 }
 
+/// Whether a transaction lock may be taken on this server session: it carries no
+/// session lock marker, or (behind a pooler, where another client's session lock sits on
+/// it) the other client's session does not hold `key`, which would make the grant
+/// re-entrant: two clients would both hold it. The `pg_locks` scan runs only in that rare
+/// case.
+fn tx_free(key: &LockKey) -> String {
+    format!(
+        "({MARKER} = '' OR NOT EXISTS (SELECT FROM pg_catalog.pg_locks \
+         WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = {} \
+         AND objid = {} AND objsubid = {} AND granted))",
+        key.classid(),
+        key.objid(),
+        key.objsubid()
+    )
+}
+
 /// Transaction lock, one non-blocking try: `BEGIN` and the try in one batch. Columns of
-/// its row: whether it locked, the marker, and with `learn` the settings.
+/// its row: whether it locked (NULL: the server session holds the key for another
+/// client's session lock, so nothing was tried), the marker, and with `learn` the settings.
 pub(crate) fn tx_try(mode: LockMode, key: &LockKey, learn: bool) -> String {
     format!(
-        "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock{}({}), \
+        "BEGIN; SELECT CASE WHEN {} THEN pg_catalog.pg_try_advisory_xact_lock{}({}) END, \
          pg_catalog.set_config('{TX_MARKER}', '{}', true){}",
+        tx_free(key),
         mode.fn_suffix(),
         key.sql_args(),
         tx_marker(key),
         settings(learn)
     )
+}
+
+/// Reads the session marker, then ends the transaction: after a transaction lock found its
+/// server session holding the key for another client's session lock.
+pub(crate) fn tx_refuse_shared() -> String {
+    format!("SELECT {MARKER}; ROLLBACK")
 }
 
 /// How a transaction lock's wait treats the session's settings.
@@ -265,23 +289,26 @@ pub(crate) enum TxWait {
 
 /// Transaction lock, a wait bounded by `ms` (0: none), in a transaction that outlives the
 /// batch, so the critical section sees the session's own settings on every path. The
-/// last row is the wait's: `true` and the marker.
+/// last row is the wait's: whether the key was free to wait for on this server session
+/// (false: it holds the key for another client's session lock, and nothing was waited
+/// for), and the marker.
 pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, how: TxWait) -> String {
     let (m, k, marker) = (mode.fn_suffix(), key.sql_args(), tx_marker(key));
+    let free = tx_free(key);
     let lock = format!(
-        "SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
-         pg_catalog.pg_advisory_xact_lock{m}({k})::text"
+        "SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
+         CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock{m}({k})::text END"
     );
     let set_lt = format!(
         "pg_catalog.set_config('lock_timeout', '{ms}', true), \
-         pg_catalog.pg_advisory_xact_lock{m}({k})::text, \
+         CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock{m}({k})::text END, \
          pg_catalog.set_config('lock_timeout', s.lt, true)"
     );
     let saved = "(SELECT pg_catalog.current_setting('lock_timeout') AS lt OFFSET 0) s";
     match how {
         TxWait::Plain => format!("BEGIN; {lock}"),
         TxWait::SetLockTimeout => format!(
-            "BEGIN; SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
+            "BEGIN; SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
              {set_lt} FROM {saved}"
         ),
         TxWait::Lift => format!(
@@ -291,7 +318,7 @@ pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, how: TxWait) -> St
              pg_catalog.set_config('pglock.saved_transaction_timeout', \
              COALESCE(pg_catalog.current_setting('transaction_timeout', true), ''), true); \
              SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; \
-             SELECT true, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), {set_lt}, \
+             SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), {set_lt}, \
              pg_catalog.set_config('statement_timeout', \
              pg_catalog.current_setting('pglock.saved_statement_timeout'), true), \
              CASE WHEN pg_catalog.current_setting('pglock.saved_transaction_timeout') <> '' \
@@ -410,20 +437,32 @@ mod tests {
     #[test]
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
+        let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') = '' \
+             OR NOT EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_catalog.pg_backend_pid() AND classid = 1 AND objid = 4294967295 \
+             AND objsubid = 2 AND granted))";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
-            "BEGIN; SELECT pg_catalog.pg_try_advisory_xact_lock_shared(1, -1), \
-             pg_catalog.set_config('pglock.tx_lock', '1,-1', true)"
+            format!(
+                "BEGIN; SELECT CASE WHEN {free} THEN \
+                 pg_catalog.pg_try_advisory_xact_lock_shared(1, -1) END, \
+                 pg_catalog.set_config('pglock.tx_lock', '1,-1', true)"
+            )
         );
         assert!(tx_try(LockMode::Shared, &key, true).ends_with(SETTINGS));
         let plain = tx_wait(LockMode::Exclusive, &key, 0, TxWait::Plain);
         assert_eq!(
             plain,
-            "BEGIN; SELECT true, pg_catalog.set_config('pglock.tx_lock', '1,-1', true), \
-             pg_catalog.pg_advisory_xact_lock(1, -1)::text"
+            format!(
+                "BEGIN; SELECT {free}, pg_catalog.set_config('pglock.tx_lock', '1,-1', true), \
+                 CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock(1, -1)::text END"
+            )
         );
         let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
-        assert!(fast.starts_with("BEGIN; SELECT true, "), "{fast}");
+        assert!(
+            fast.starts_with(&format!("BEGIN; SELECT {free}, ")),
+            "{fast}"
+        );
         assert!(!fast.contains("SET LOCAL"), "{fast}");
         assert!(
             fast.contains("set_config('lock_timeout', '250', true)"),
