@@ -1,15 +1,16 @@
-//! The README's first example is `examples/readme.rs`, which CI compiles and runs: this
-//! keeps the two the same, so the example a newcomer pastes is one that works.
+//! The README's examples are `examples/readme.rs` and `examples/lease.rs`, which CI compiles
+//! and runs: this keeps them the same, so the example a newcomer pastes is one that works.
 
-#[test]
-fn the_readme_example_is_the_program_ci_runs() {
+/// Asserts that the README's `nth` Rust example is `example`'s program.
+fn assert_readme_example(nth: usize, example: &str) {
     let readme = include_str!("../README.md");
-    let start = readme
-        .find("```rust,no_run\n")
-        .expect("the README's first example")
-        + "```rust,no_run\n".len();
+    let fence = "```rust,no_run\n";
+    let (at, _) = readme
+        .match_indices(fence)
+        .nth(nth)
+        .expect("the README's example");
+    let start = at + fence.len();
     let end = start + readme[start..].find("```").expect("the example's end");
-    let example = include_str!("../examples/readme.rs");
     let body = example
         .lines()
         .filter(|l| !l.starts_with("//!"))
@@ -21,4 +22,14 @@ fn the_readme_example_is_the_program_ci_runs() {
         .collect::<Vec<_>>()
         .join("\n");
     assert_eq!(snippet.trim(), body.trim());
+}
+
+#[test]
+fn the_readme_example_is_the_program_ci_runs() {
+    assert_readme_example(0, include_str!("../examples/readme.rs"));
+}
+
+#[test]
+fn the_readme_lease_example_is_the_program_ci_runs() {
+    assert_readme_example(1, include_str!("../examples/lease.rs"));
 }
