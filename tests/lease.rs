@@ -87,9 +87,8 @@ fn a_failed_attempt_writes_nothing_and_draws_no_token() {
         assert!(b.try_lock().unwrap().is_none());
     }
     let after = row(&mut admin, name);
-    // Same row version (ctid), never locked (xmax 0), no token drawn.
-    assert_eq!(before, after);
-    assert_eq!(after.3, 0, "a failed attempt locked the row");
+    // Same row version (ctid), no new row lock (xmax unchanged), no token drawn.
+    assert_eq!(before, after, "a failed attempt wrote or locked the row");
     // Other tests draw tokens concurrently, so only check that ours did not move it while
     // nobody else could: compare with the token, which is the last one we drew.
     assert!(sequence >= before.1);
@@ -180,6 +179,8 @@ fn heartbeats_keep_the_lease_past_its_length() {
         assert!(guard.is_valid(), "holder stopped trusting a renewed lease");
         thread::sleep(Duration::from_millis(50));
     }
+    guard.renew().unwrap();
+    assert!(guard.remaining() > Duration::from_millis(400));
     let info = other.read().unwrap().unwrap();
     assert_eq!(info.token, token, "the token is fixed for the whole lease");
     assert!(info.renewed_at > info.acquired_at);
@@ -222,6 +223,10 @@ fn the_holder_stops_trusting_the_lease_at_its_deadline_while_a_heartbeat_hangs()
     );
     assert!(noticed < Duration::from_secs(3), "too late: {noticed:?}");
     assert!(!guard.is_valid());
+    assert!(
+        matches!(guard.renew(), Err(Error::LockLost { .. })),
+        "a lost lease was renewed"
+    );
     assert!(matches!(
         guard.check(),
         Err(Error::LockLost {
@@ -717,4 +722,200 @@ fn child_pauses() {
     tx.rollback().unwrap();
     println!("pglock-test: resumed valid={valid} fence={fence}");
     let _ = guard.unlock();
+}
+
+// ---- faults: lost replies, row locks held elsewhere, stricter isolation ----
+
+#[test]
+fn a_heartbeat_whose_reply_is_lost_is_retried_and_the_lease_kept() {
+    let name = function_name!();
+    let mut admin = admin();
+    table(&mut admin);
+    let proxy = common::proxy::FaultProxy::start();
+    let pool = proxy.pool(2);
+    let options = LeaseOptions::new()
+        .lease(Duration::from_millis(2000))
+        .heartbeat(Duration::from_millis(200));
+    let mut lock = LeaseLock::with_options(&pool, name, options).unwrap();
+    let guard = lock.lock().unwrap();
+    let token = guard.token();
+    // The next renewal reaches the server, and its connection dies before the reply.
+    proxy.cut_after("renewed_at = pg_catalog.clock_timestamp()");
+    let watch = guard.watch();
+    assert!(
+        !watch.wait_lost(Duration::from_secs(3)),
+        "the lease was lost after one lost heartbeat reply"
+    );
+    assert_eq!(proxy.cuts(), 1, "no heartbeat was cut");
+    assert!(guard.is_valid());
+    let info = LeaseLock::new(&common::pool(1), name)
+        .unwrap()
+        .read()
+        .unwrap()
+        .unwrap();
+    assert!(info.held);
+    assert_eq!(info.token, token, "the lease changed hands");
+    guard.unlock().unwrap();
+}
+
+#[test]
+fn a_lock_whose_reply_is_lost_is_undone_not_stranded() {
+    let name = function_name!();
+    let mut admin = admin();
+    table(&mut admin);
+    // The row exists already, so the first statement takes the lease.
+    LeaseLock::new(&common::pool(1), name)
+        .unwrap()
+        .lock()
+        .unwrap()
+        .unlock()
+        .unwrap();
+    let proxy = common::proxy::FaultProxy::start();
+    let pool = proxy.pool(2);
+    let mut lock = LeaseLock::new(&pool, name).unwrap();
+    proxy.cut_after("WITH cur AS");
+    let err = lock.try_lock().unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err:?}");
+    assert_eq!(proxy.cuts(), 1);
+    // The attempt took the lease on the server, then pglock undid it.
+    let reader = LeaseLock::new(&common::pool(1), name).unwrap();
+    let info = reader.read().unwrap().unwrap();
+    assert!(
+        !info.held,
+        "a lease whose reply was lost is stranded: {info:?}"
+    );
+    assert!(
+        lock.try_lock().unwrap().is_some(),
+        "the same lock cannot take it again"
+    );
+}
+
+#[test]
+fn waits_renewals_and_releases_never_block_behind_a_row_lock_held_elsewhere() {
+    let name = function_name!();
+    let mut admin = admin();
+    table(&mut admin);
+    let pool = pool(3);
+    let options = LeaseOptions::new()
+        .lease(Duration::from_millis(600))
+        .heartbeat(Duration::from_millis(100));
+    let mut holder = LeaseLock::with_options(&pool, name, options).unwrap();
+    let guard = holder.lock().unwrap();
+    // Another session locks the lease's row for longer than the lease (a fenced
+    // transaction left open, a migration).
+    let mut blocker = admin.transaction().unwrap();
+    blocker
+        .execute(
+            "SELECT 1 FROM pglock_leases WHERE name = $1 FOR SHARE",
+            &[&name],
+        )
+        .unwrap();
+    assert!(guard.watch().wait_lost(Duration::from_secs(10)));
+    let mut contender = LeaseLock::with_options(&pool, name, fast()).unwrap();
+    let start = Instant::now();
+    assert!(contender
+        .try_lock_for(Duration::from_millis(100))
+        .unwrap()
+        .is_none());
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "try_lock_for(100ms) took {waited:?}"
+    );
+    let start = Instant::now();
+    let released = guard.unlock();
+    let took = start.elapsed();
+    assert!(
+        matches!(released, Err(Error::LockLost { .. })),
+        "{released:?}"
+    );
+    assert!(took < Duration::from_secs(2), "unlock took {took:?}");
+    blocker.rollback().unwrap();
+    // Once the row is free, the expired lease is taken at once.
+    assert!(contender.try_lock().unwrap().is_some());
+}
+
+#[test]
+fn tokens_increase_even_when_a_slow_first_insert_races_a_delete() {
+    // Only the UPDATE draws a token, under the row's lock; the first use of a name only
+    // inserts an expired placeholder. A slow insert (a trigger sleeps) races another
+    // client that takes the lease, deletes the row, and leaves.
+    let mut admin = admin();
+    let table = LeaseTable::new("pglock_test_slow_insert").unwrap();
+    table.create(&mut admin).unwrap();
+    admin
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION pglock_test_slow() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN IF NEW.name LIKE '%slow-insert%' AND NEW.owner = '' AND \
+             current_setting('application_name') = 'slow' THEN PERFORM pg_sleep(1.5); END IF; \
+             RETURN NEW; END $$; \
+             DROP TRIGGER IF EXISTS pglock_test_slow ON pglock_test_slow_insert; \
+             CREATE TRIGGER pglock_test_slow BEFORE INSERT ON pglock_test_slow_insert \
+             FOR EACH ROW EXECUTE FUNCTION pglock_test_slow()",
+        )
+        .unwrap();
+    let name = format!("slow-insert/{}", std::process::id());
+    let mut slow_config = common::config();
+    slow_config.application_name("slow");
+    let slow_pool = pool_with(1, slow_config);
+    let options = LeaseOptions::new().table(table.clone());
+    let (tx, rx) = mpsc::channel();
+    let (x_name, x_options) = (name.clone(), options.clone());
+    let x = thread::spawn(move || {
+        let mut lock = LeaseLock::with_options(&slow_pool, &x_name, x_options).unwrap();
+        tx.send(()).unwrap();
+        let guard = lock.try_lock().unwrap();
+        guard.map(|g| g.token())
+    });
+    rx.recv().unwrap();
+    common::wait_until("the slow insert runs", Duration::from_secs(10), || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'slow' \
+                 AND state = 'active'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    let pool = pool(1);
+    let mut y = LeaseLock::with_options(&pool, &name, options).unwrap();
+    let y_guard = y
+        .try_lock()
+        .unwrap()
+        .expect("y takes the lease once the row exists");
+    let y_token = y_guard.token();
+    y_guard.unlock_and_delete().unwrap();
+    let x_token = x.join().unwrap();
+    if let Some(x_token) = x_token {
+        assert!(
+            x_token > y_token,
+            "x took token {x_token} after y's {y_token}"
+        );
+    }
+}
+
+#[test]
+fn a_stricter_default_isolation_level_does_not_turn_contention_into_errors() {
+    let name = function_name!();
+    let mut admin = admin();
+    table(&mut admin);
+    let mut config = common::config();
+    config.options("-c default_transaction_isolation=serializable");
+    let pool = pool_with(8, config);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut lock = LeaseLock::with_options(&pool, name, fast()).unwrap();
+                for _ in 0..20 {
+                    lock.lock().unwrap().unlock().unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::Type;
 use postgres::Client;
@@ -29,6 +30,7 @@ pub(crate) struct Spec {
     delete_sql: String,
     read_sql: String,
     fence_sql: String,
+    abandon_sql: String,
 }
 
 impl Spec {
@@ -51,15 +53,23 @@ impl Spec {
         }
         let sequence = options.table.sequence();
         let notify = options.notify;
+        // Renewals and releases wait at most a heartbeat period (and 5 s) behind another
+        // session's row lock.
+        let wait_ms = options
+            .heartbeat_period()
+            .min(Duration::from_secs(5))
+            .as_millis()
+            .max(1) as u32;
         Ok(Spec {
             owner: options.owner.clone().unwrap_or_else(default_owner),
             payload: sql::notify_payload(&table, name),
             lock_sql: sql::lock(&table, &sequence),
-            renew_sql: sql::renew(&table),
-            unlock_sql: sql::unlock(&table, false, notify),
-            delete_sql: sql::unlock(&table, true, notify),
+            renew_sql: sql::renew(&table, wait_ms),
+            unlock_sql: sql::unlock(&table, false, notify, wait_ms),
+            delete_sql: sql::unlock(&table, true, notify, wait_ms),
             read_sql: sql::read(&table),
             fence_sql: sql::fence(&table),
+            abandon_sql: sql::abandon(&table),
             key,
             name: name.to_owned(),
             slots,
@@ -146,6 +156,10 @@ struct State {
 pub(crate) struct Status {
     state: Mutex<State>,
     changed: Condvar,
+    /// Wakes the heartbeat thread at shutdown. It is never woken to start a hold: idle,
+    /// it looks every heartbeat period, which is never later than a new hold's first
+    /// heartbeat is due; so taking and releasing a lease costs no thread wake-up.
+    beat: Condvar,
 }
 
 impl Status {
@@ -279,11 +293,34 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
 
     /// One attempt at slot `slot`: `Ok(Ok(token))` if taken, `Ok(Err(holder))` if busy
     /// (`None`: a concurrent insert won the race; try again soon).
-    fn try_slot(&self, slot: i32) -> Result<std::result::Result<i64, Option<LeaseHolder>>> {
+    fn try_slot(
+        &self,
+        slot: i32,
+        rng: &mut u64,
+    ) -> Result<std::result::Result<i64, Option<LeaseHolder>>> {
+        // The first use of a slot creates its (expired) row; the next statement takes it.
+        for _ in 0..3 {
+            match self.try_slot_once(slot, rng)? {
+                Some(outcome) => return Ok(outcome),
+                None => continue,
+            }
+        }
+        Ok(Err(None))
+    }
+
+    /// One lock statement: `None` when it only created the slot's row (or raced another
+    /// session doing so, or a serialization failure under a stricter default isolation
+    /// level made it give up): try again at once.
+    fn try_slot_once(
+        &self,
+        slot: i32,
+        rng: &mut u64,
+    ) -> Result<Option<std::result::Result<i64, Option<LeaseHolder>>>> {
         let spec = &self.spec;
         let lease_us = spec.options.lease_us();
         let data = spec.options.data.as_deref();
         let replace = data.is_some();
+        let nonce = crate::wait::next_random(rng) as i64;
         let rows = self.with_conn(
             None,
             |c| {
@@ -296,29 +333,81 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                         (&lease_us, Type::INT8),
                         (&data, Type::BYTEA),
                         (&replace, Type::BOOL),
+                        (&nonce, Type::INT8),
                     ],
                 )
             },
             "lock",
-        )?;
+        );
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(Error::Database { source, .. })
+                if matches!(
+                    source.code(),
+                    Some(&SqlState::T_R_SERIALIZATION_FAILURE | &SqlState::T_R_DEADLOCK_DETECTED)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                if let Error::Database { source, .. } = &e {
+                    if source.as_db_error().is_none() {
+                        // No reply: the lease may have been taken before the connection
+                        // failed. Undo whatever this attempt took, on a fresh connection,
+                        // so it is not stranded for a whole lease.
+                        self.abandon(slot, nonce);
+                    }
+                }
+                return Err(e);
+            }
+        };
         let Some(row) = rows.first() else {
-            return Ok(Err(None));
+            return Ok(None);
         };
         let decode = || -> std::result::Result<_, postgres::Error> {
-            let locked: bool = row.try_get(0)?;
+            let Some(locked) = row.try_get::<_, Option<bool>>(0)? else {
+                return Ok(None);
+            };
             let token: i64 = row.try_get(1)?;
             if locked {
-                return Ok(Ok(token));
+                return Ok(Some(Ok(token)));
             }
             let remaining: i64 = row.try_get(3)?;
-            Ok(Err(Some(LeaseHolder {
+            Ok(Some(Err(Some(LeaseHolder {
                 owner: row.try_get(2)?,
                 token,
                 slot: slot as u32,
                 remaining: Duration::from_micros(remaining.max(0) as u64),
-            })))
+            }))))
         };
         decode().map_err(spec.db_error("lock"))
+    }
+
+    /// Best effort: ends the lease an attempt with `nonce` may have taken on `slot`.
+    fn abandon(&self, slot: i32, nonce: i64) {
+        let spec = &self.spec;
+        let result = self.with_conn(
+            Some(Duration::from_secs(5)),
+            |c| {
+                c.query_typed(
+                    &spec.abandon_sql,
+                    &[
+                        (&spec.name, Type::TEXT),
+                        (&slot, Type::INT4),
+                        (&nonce, Type::INT8),
+                    ],
+                )
+            },
+            "undo a lock whose reply was lost",
+        );
+        match result {
+            Ok(rows) if !rows.is_empty() => log::warn!(
+                "lease {}: a lock statement failed after taking slot {slot}; released it",
+                spec.key
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("lease {}: {e}", spec.key),
+        }
     }
 
     /// One attempt at every slot, starting at a random one. `Ok(Ok(held))` if one was
@@ -338,7 +427,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         for i in 0..slots {
             let slot = ((start + i) % slots) as i32;
             let sent = Instant::now();
-            match self.try_slot(slot)? {
+            match self.try_slot(slot, rng)? {
                 Ok(token) => {
                     let held = Held { slot, token };
                     let id = self.register(held, sent);
@@ -386,7 +475,6 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                 Err(e) => log::warn!("lease {}: no heartbeat thread: {e}", self.spec.key),
             }
         }
-        self.status.changed.notify_all();
         id
     }
 
@@ -408,7 +496,11 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             // Sleep at most until the holder's lease runs out (the server's measure).
             let mut sleep = backoff.next_sleep();
             if let Some(h) = &holder {
-                sleep = sleep.min(h.remaining + Duration::from_millis(1));
+                // (An expired lease still reported busy is being taken, or its row is
+                // locked by a fenced transaction: back off as usual.)
+                if !h.remaining.is_zero() {
+                    sleep = sleep.min(h.remaining + Duration::from_millis(1));
+                }
                 log::debug!(
                     "lease {}: held by {:?} (token {}, slot {}) for {:?} more",
                     self.spec.key,
@@ -462,8 +554,15 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                 *self.conn() = None;
             }
         }
-        if let Ok(Some(_)) = result {
+        if let Ok(Some((id, held))) = result {
             *self.busy_with() = None;
+            if let Err(cancelled) = self.cancel.check() {
+                // Cancelled while the attempt that took it ran: give it back.
+                if let Err(e) = self.unlock(id, held, false) {
+                    log::warn!("lease {}: release after a cancel: {e}", self.spec.key);
+                }
+                return Err(cancelled);
+            }
         }
         result
     }
@@ -550,13 +649,13 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                     }
                     if now < hold.next_beat {
                         let wait = hold.next_beat - now;
-                        state = self.wait(state, Some(wait));
+                        state = self.wait(state, wait);
                         continue;
                     }
                     (hold.id, hold.held, hold.deadline)
                 }
                 _ => {
-                    state = self.wait(state, None);
+                    state = self.wait(state, period);
                     continue;
                 }
             };
@@ -602,22 +701,38 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
     fn wait<'s>(
         &'s self,
         state: MutexGuard<'s, State>,
-        timeout: Option<Duration>,
+        timeout: Duration,
     ) -> MutexGuard<'s, State> {
-        match timeout {
-            Some(t) => {
-                self.status
-                    .changed
-                    .wait_timeout(state, t)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0
-            }
-            None => self
-                .status
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner),
+        self.status
+            .beat
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    /// Renews hold `id` now, on the calling thread (the heartbeat's statement).
+    pub(crate) fn renew_now(&self, id: u64, held: Held) -> Result<()> {
+        let remaining = self.status.remaining(id);
+        if remaining.is_zero() {
+            return Err(self.spec.lost(None));
         }
+        let sent = Instant::now();
+        let renewed = self.renew(held, remaining)?;
+        let mut state = self.status.state();
+        let Some(hold) = state.hold.as_mut().filter(|h| h.id == id) else {
+            return Err(self.spec.lost(None));
+        };
+        if !renewed {
+            hold.lost = true;
+            self.status.changed.notify_all();
+            return Err(self.spec.lost(None));
+        }
+        let options = &self.spec.options;
+        if !hold.lost {
+            hold.deadline = hold.deadline.max(sent + (options.lease - options.margin()));
+            hold.next_beat = sent + options.heartbeat_period();
+        }
+        Ok(())
     }
 
     /// Ends hold `id`: stops its heartbeats and releases (or deletes) its row.
@@ -650,25 +765,43 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             let n = if spec.options.notify { 4 } else { 3 };
             c.query_typed(sql, &params[..n]).map(|rows| rows.len())
         };
-        let released = match self.with_conn(None, run, "unlock") {
-            Ok(n) => n > 0,
-            Err(first) => {
-                // Releasing is keyed by the token, so it is safe to send again, on a fresh
-                // connection: if that finds the lease gone, the first attempt's outcome
-                // is unknown, but nobody holds it with this token any more.
-                match self.with_conn(None, run, "unlock") {
-                    Ok(n) if n > 0 => true,
-                    _ => return Err(first),
+        // Releasing is keyed by the token, so it is safe to send again: after a
+        // serialization failure (a stricter default isolation level), or on a fresh
+        // connection after a broken one. (A row lock held elsewhere for longer than the
+        // statement's bounded wait is not retried: the lease then runs out by itself.)
+        let mut result = self.with_conn(None, run, "unlock");
+        for _ in 0..2 {
+            match &result {
+                Err(Error::Database { source, .. })
+                    if source.as_db_error().is_none()
+                        || matches!(source.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE)) =>
+                {
+                    let again = self.with_conn(None, run, "unlock");
+                    result = match (again, result) {
+                        (Ok(n), _) if n > 0 => Ok(n),
+                        // If the retry found it gone, the first attempt's outcome is
+                        // unknown, but nobody holds it with this token any more.
+                        (_, first) => first,
+                    };
+                    if result.is_ok() {
+                        break;
+                    }
                 }
+                _ => break,
             }
-        };
+        }
         log::debug!(
-            "lease {}: unlocked slot {} (token {})",
+            "lease {}: unlocked slot {} (token {}): {result:?}",
             spec.key,
             held.slot,
             held.token
         );
-        if !released || was_lost {
+        if was_lost {
+            // Lost before the release: that is what the caller must hear, whatever the
+            // release did.
+            return Err(spec.lost(None));
+        }
+        if result? == 0 {
             return Err(spec.lost(None));
         }
         Ok(())
@@ -696,11 +829,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                 ],
             )
             .map_err(spec.db_error("fence"))?;
-        let valid = match row.first() {
-            Some(row) => row.try_get::<_, bool>(0).map_err(spec.db_error("fence"))?,
-            None => false,
-        };
-        if !valid {
+        if row.is_empty() {
             return Err(spec.lost(None));
         }
         Ok(())
@@ -738,6 +867,6 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
     /// Stops the heartbeat thread (the lock and all its guards are gone).
     pub(crate) fn shutdown(&self) {
         self.status.state().shutdown = true;
-        self.status.changed.notify_all();
+        self.status.beat.notify_all();
     }
 }

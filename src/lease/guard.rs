@@ -37,6 +37,10 @@ impl<M: ManageConnection<Connection = Client>> Drop for Handle<M> {
 /// trip, so a long critical section can ask between steps, and stop before anybody else
 /// can hold the lease. Once lost, a guard stays lost.
 ///
+/// A guard that is leaked (`std::mem::forget`) is never released: its lock's heartbeat
+/// renews the lease for as long as the process lives, as a leaked mutex guard stays
+/// locked. Drop guards, or let the process exit (the lease then runs out).
+///
 /// `LeaseGuard<'static, M>` ([`OwnedLeaseGuard`]) is what
 /// [`lock_owned`](crate::LeaseLock::lock_owned) returns: `Send`, no borrow of the lock.
 #[must_use = "if unused the lease is released immediately"]
@@ -161,6 +165,20 @@ impl<M: ManageConnection<Connection = Client>> LeaseGuard<'_, M> {
     /// ```
     pub fn fence(&self, client: &mut impl postgres::GenericClient) -> Result<()> {
         self.shared().fence(self.id, self.held, client)
+    }
+
+    /// Renews the lease now, on the calling thread, with the heartbeat's statement (for
+    /// example before a step that must not be interrupted). The background heartbeat goes
+    /// on as before.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LockLost`] if the lease was already lost or the server found it expired
+    /// or taken over (it then stays lost); [`Error::Pool`] or [`Error::Database`] if the
+    /// statement could not be sent (the lease is then unchanged, and the heartbeat keeps
+    /// trying).
+    pub fn renew(&self) -> Result<()> {
+        self.shared().renew_now(self.id, self.held)
     }
 
     /// Releases the lease, keeping its row (and payload) for the next holder: the same as

@@ -129,9 +129,13 @@ impl LeaseOptions {
     /// milliseconds instead of at its next poll. Defaults to off.
     ///
     /// Turn it on in every program that shares the lease (a release only notifies when
-    /// its own lock has it on; a waiter without it polls). A waiter's `LISTEN` needs a
-    /// direct connection: behind a transaction-mode pooler it hears nothing (and the
-    /// waiter still polls). Waiters always poll too, so nothing is lost either way.
+    /// its own lock has it on; a waiter without it polls). Waiters always poll too, so a
+    /// lost notification only costs time.
+    ///
+    /// **Direct connections only.** A waiter's `LISTEN` and `UNLISTEN` are separate
+    /// statements: behind a transaction-mode pooler they can land on different server
+    /// sessions, leaving a `LISTEN` behind on one that other clients then use. Leave it off
+    /// through such a pooler (releasing with it on is harmless there; listening is not).
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
         self

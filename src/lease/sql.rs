@@ -33,6 +33,7 @@ pub(crate) fn create(table: &str, sequence: &str) -> String {
          slot integer NOT NULL CHECK (slot >= 0), \
          owner text NOT NULL, \
          token bigint NOT NULL, \
+         nonce bigint NOT NULL DEFAULT 0, \
          lease_us bigint NOT NULL CHECK (lease_us > 0), \
          acquired_at timestamptz NOT NULL, \
          renewed_at timestamptz NOT NULL, \
@@ -42,47 +43,77 @@ pub(crate) fn create(table: &str, sequence: &str) -> String {
     )
 }
 
-/// Takes slot `$2` of lease `$1` for owner `$3` for `$4` microseconds if it is free (no
-/// row, or the row's lease has expired or was released); `$5` is the payload, stored when
-/// `$6` is true (else an existing row keeps its payload).
+/// Takes slot `$2` of lease `$1` for owner `$3` for `$4` microseconds if it is free (its
+/// row's lease has expired or was released); `$5` is the payload, stored when `$6` is
+/// true (else the row keeps its payload); `$7` is this attempt's nonce, stored so that an
+/// attempt whose reply was lost can be undone.
 ///
 /// One row: `(locked, token, holder, remaining_us)`. Locked: the new token and `$4`.
-/// Busy: the holder's token, owner and the microseconds until its lease expires. No row:
-/// another client created the row at the same moment (try again).
+/// Busy: the holder's token, owner and the microseconds until its lease expires. A row of
+/// NULLs, or no row: there was no row for the slot yet; this statement (or a concurrent
+/// one) created it, expired, and the next attempt can take it.
 ///
-/// A busy attempt changes nothing: the `UPDATE` finds no expired row, and the `INSERT`
-/// finds that the row exists; neither draws a token.
+/// - The token is drawn only by the `UPDATE`, under the row's lock, and drawn again if
+///   the row changed under it: tokens of one slot strictly increase in the order the
+///   slot was taken, also around a concurrent insert (which only ever creates an
+///   expired placeholder row).
+/// - The row is locked with `SKIP LOCKED`: an attempt never waits for another session's
+///   row lock (a contender's attempt, or a holder's fenced transaction); it finds the
+///   slot busy.
+/// - A busy attempt changes nothing: it locks no row, draws no token, writes no row.
 pub(crate) fn lock(table: &str, sequence: &str) -> String {
-    let expires = "pg_catalog.clock_timestamp() + $4 * interval '1 microsecond'";
+    let now = "pg_catalog.clock_timestamp()";
+    let expired = format!("expires_at <= {now}");
     format!(
         "WITH cur AS (SELECT owner, token, expires_at FROM {table} WHERE name = $1 AND slot = $2), \
          taken AS (UPDATE {table} AS l SET owner = $3, token = pg_catalog.nextval('{sequence}'), \
-         lease_us = $4, acquired_at = pg_catalog.clock_timestamp(), \
-         renewed_at = pg_catalog.clock_timestamp(), expires_at = {expires}, \
+         nonce = $7, lease_us = $4, acquired_at = {now}, renewed_at = {now}, \
+         expires_at = {now} + $4 * interval '1 microsecond', \
          data = CASE WHEN $6 THEN $5 ELSE l.data END \
-         WHERE l.name = $1 AND l.slot = $2 AND l.expires_at <= pg_catalog.clock_timestamp() \
+         WHERE l.name = $1 AND l.slot = $2 AND l.{expired} \
+         AND EXISTS (SELECT FROM {table} WHERE name = $1 AND slot = $2 AND {expired} \
+         FOR NO KEY UPDATE SKIP LOCKED) \
          RETURNING l.token), \
          created AS (INSERT INTO {table} \
-         (name, slot, owner, token, lease_us, acquired_at, renewed_at, expires_at, data) \
-         SELECT $1, $2, $3, pg_catalog.nextval('{sequence}'), $4, pg_catalog.clock_timestamp(), \
-         pg_catalog.clock_timestamp(), {expires}, $5 WHERE NOT EXISTS (SELECT FROM cur) \
-         ON CONFLICT (name, slot) DO NOTHING RETURNING token) \
+         (name, slot, owner, token, nonce, lease_us, acquired_at, renewed_at, expires_at) \
+         SELECT $1, $2, '', 0, 0, $4, {now}, {now}, {now} WHERE NOT EXISTS (SELECT FROM cur) \
+         ON CONFLICT (name, slot) DO NOTHING RETURNING 0) \
          SELECT true, token, NULL::text, $4 FROM taken \
-         UNION ALL SELECT true, token, NULL::text, $4 FROM created \
+         UNION ALL SELECT NULL, NULL, NULL, NULL FROM created \
          UNION ALL SELECT false, token, owner, {REMAINING_US} FROM cur \
          WHERE NOT EXISTS (SELECT FROM taken)"
     )
 }
 
+/// Ends a lease that an attempt with nonce `$3` may have taken on slot `$2` of `$1`
+/// although its reply never arrived.
+pub(crate) fn abandon(table: &str) -> String {
+    format!(
+        "UPDATE {table} SET expires_at = pg_catalog.clock_timestamp() \
+         WHERE name = $1 AND slot = $2 AND nonce = $3 AND expires_at > pg_catalog.clock_timestamp()"
+    )
+}
+
+/// `AND` a `lock_timeout` of `ms` for the rest of this statement's (implicit) transaction,
+/// evaluated with the other conditions, before the row is locked: renewals and releases
+/// wait at most that long behind another session's row lock (a fenced transaction, a
+/// migration), then fail with 55P03; the heartbeat retries until the holder's deadline.
+fn bounded_wait(ms: u32) -> String {
+    format!("AND pg_catalog.set_config('lock_timeout', '{ms}', true) IS NOT NULL")
+}
+
 /// Renews slot `$2` of lease `$1` held with token `$3` for the lease length stored in
 /// its row, if it has not expired. Idempotent: safe to retry when a reply is lost. One
 /// row if renewed, none if the lease expired or changed hands.
-pub(crate) fn renew(table: &str) -> String {
+///
+/// A row lock held by another session is waited for at most `wait_ms`.
+pub(crate) fn renew(table: &str, wait_ms: u32) -> String {
     format!(
         "UPDATE {table} SET renewed_at = pg_catalog.clock_timestamp(), \
          expires_at = pg_catalog.clock_timestamp() + lease_us * interval '1 microsecond' \
          WHERE name = $1 AND slot = $2 AND token = $3 AND expires_at > pg_catalog.clock_timestamp() \
-         RETURNING lease_us"
+         {} RETURNING lease_us",
+        bounded_wait(wait_ms)
     )
 }
 
@@ -90,7 +121,9 @@ pub(crate) fn renew(table: &str) -> String {
 /// its payload), or deletes the row when `delete`. With `notify`, also notifies
 /// [`CHANNEL`] with payload `$4` in the same statement. One row if released, none if the
 /// lease had expired or changed hands.
-pub(crate) fn unlock(table: &str, delete: bool, notify: bool) -> String {
+///
+/// A row lock held by another session is waited for at most `wait_ms`.
+pub(crate) fn unlock(table: &str, delete: bool, notify: bool, wait_ms: u32) -> String {
     let head = if delete {
         format!("DELETE FROM {table}")
     } else {
@@ -103,7 +136,8 @@ pub(crate) fn unlock(table: &str, delete: bool, notify: bool) -> String {
     };
     format!(
         "{head} WHERE name = $1 AND slot = $2 AND token = $3 \
-         AND expires_at > pg_catalog.clock_timestamp() RETURNING {returning}"
+         AND expires_at > pg_catalog.clock_timestamp() {} RETURNING {returning}",
+        bounded_wait(wait_ms)
     )
 }
 
@@ -116,13 +150,14 @@ pub(crate) fn read(table: &str) -> String {
     )
 }
 
-/// Inside the caller's transaction: whether slot `$2` of lease `$1` is still held with
-/// token `$3`, locking the row `FOR SHARE` until the transaction ends so that no other
-/// holder can take the lease over before the transaction's writes commit.
+/// Inside the caller's transaction: a row if slot `$2` of lease `$1` is still held with
+/// token `$3`, which is then locked `FOR SHARE` until the transaction ends, so that no
+/// other holder can take the lease over before the transaction's writes commit. A stale
+/// token finds no row and locks nothing.
 pub(crate) fn fence(table: &str) -> String {
     format!(
-        "SELECT token = $3 AND expires_at > pg_catalog.clock_timestamp() FROM {table} \
-         WHERE name = $1 AND slot = $2 FOR SHARE"
+        "SELECT true FROM {table} WHERE name = $1 AND slot = $2 AND token = $3 \
+         AND expires_at > pg_catalog.clock_timestamp() FOR SHARE"
     )
 }
 
@@ -137,11 +172,12 @@ mod tests {
     fn statements_put_only_the_table_into_sql_text() {
         for sql in [
             lock(T, S),
-            renew(T),
-            unlock(T, false, false),
-            unlock(T, true, true),
+            renew(T, 250),
+            unlock(T, false, false, 250),
+            unlock(T, true, true, 250),
             read(T),
             fence(T),
+            abandon(T),
         ] {
             assert!(sql.contains(T), "{sql}");
             // Everything else is a parameter.
@@ -154,9 +190,12 @@ mod tests {
     #[test]
     fn lock_draws_a_token_only_when_it_takes_the_lease() {
         let sql = lock(T, S);
-        assert_eq!(sql.matches("nextval").count(), 2);
-        // The update only touches an expired row; the insert only runs when no row exists.
+        // Only the update draws a token: the insert makes an expired placeholder.
+        assert_eq!(sql.matches("nextval").count(), 1);
+        assert!(sql.contains("SELECT $1, $2, '', 0, 0, $4,"));
+        // The update only touches an expired row it could lock at once.
         assert!(sql.contains("l.expires_at <= pg_catalog.clock_timestamp()"));
+        assert!(sql.contains("FOR NO KEY UPDATE SKIP LOCKED"));
         assert!(sql.contains("WHERE NOT EXISTS (SELECT FROM cur)"));
         assert!(sql.contains("ON CONFLICT (name, slot) DO NOTHING"));
         assert!(!sql.contains("now()"), "never the transaction's start time");
@@ -164,7 +203,11 @@ mod tests {
 
     #[test]
     fn renew_fence_and_unlock_are_keyed_by_the_token_and_refuse_an_expired_lease() {
-        for sql in [renew(T), unlock(T, false, false), unlock(T, true, false)] {
+        for sql in [
+            renew(T, 250),
+            unlock(T, false, false, 250),
+            unlock(T, true, false, 250),
+        ] {
             assert!(sql.contains("token = $3"), "{sql}");
             assert!(
                 sql.contains("expires_at > pg_catalog.clock_timestamp()"),
@@ -172,9 +215,16 @@ mod tests {
             );
         }
         assert!(fence(T).ends_with("FOR SHARE"));
-        assert!(unlock(T, true, false).starts_with("DELETE"));
-        assert!(unlock(T, false, true).contains("pg_notify('pglock_leases', $4)"));
-        assert!(!unlock(T, false, false).contains("pg_notify"));
+        for sql in [renew(T, 250), unlock(T, true, false, 250)] {
+            assert!(
+                sql.contains("set_config('lock_timeout', '250', true)"),
+                "{sql}"
+            );
+        }
+        assert!(abandon(T).contains("nonce = $3"));
+        assert!(unlock(T, true, false, 250).starts_with("DELETE"));
+        assert!(unlock(T, false, true, 250).contains("pg_notify('pglock_leases', $4)"));
+        assert!(!unlock(T, false, false, 250).contains("pg_notify"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use postgres::GenericClient;
+use postgres::Client;
 
 use crate::{Error, LockKey, Result};
 
@@ -35,6 +35,7 @@ const MAX_SCHEMA_BYTES: usize = 63;
 ///     slot        integer     NOT NULL CHECK (slot >= 0),
 ///     owner       text        NOT NULL,
 ///     token       bigint      NOT NULL,
+///     nonce       bigint      NOT NULL DEFAULT 0,
 ///     lease_us    bigint      NOT NULL CHECK (lease_us > 0),
 ///     acquired_at timestamptz NOT NULL,
 ///     renewed_at  timestamptz NOT NULL,
@@ -101,6 +102,11 @@ impl LeaseTable {
     /// serialized by an advisory transaction lock (so replicas may all call it at start).
     /// Works through transaction-mode poolers.
     ///
+    /// It sends its own `BEGIN` and `COMMIT`, so it takes a [`Client`] outside any
+    /// transaction (not a `postgres::Transaction`, whose work it would commit). To create
+    /// the table inside your own migration's transaction, run
+    /// [`create_sql`](LeaseTable::create_sql) there instead.
+    ///
     /// # Errors
     ///
     /// [`Error::Database`] if the server refused (for example, no `CREATE` privilege on the
@@ -115,7 +121,7 @@ impl LeaseTable {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn create(&self, client: &mut impl GenericClient) -> Result<()> {
+    pub fn create(&self, client: &mut Client) -> Result<()> {
         let batch = format!(
             "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock({}); {} COMMIT",
             LockKey::from_name(&format!("pglock lease table {self}"))

@@ -8,6 +8,8 @@ use pglock::LockKey;
 use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 
+pub mod proxy;
+
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 /// The server under test. Fails loudly, saying how to get one, when there is none.
