@@ -108,11 +108,21 @@ pub(crate) struct RunArgs {
     pub(crate) wait: Option<Duration>,
 
     /// Exit code for a busy lock with -n, or one still busy after -w
-    #[arg(short = 'E', long = "conflict-exit-code", value_name = "N", default_value_t = 1)]
+    #[arg(
+        short = 'E',
+        long = "conflict-exit-code",
+        value_name = "N",
+        default_value_t = 1
+    )]
     pub(crate) conflict_exit_code: u8,
 
     /// Take a shared lock: any number of shared holders at once, no exclusive one
-    #[arg(short = 's', long = "shared", visible_alias = "read", conflicts_with = "exclusive")]
+    #[arg(
+        short = 's',
+        long = "shared",
+        visible_alias = "read",
+        conflicts_with = "exclusive"
+    )]
     pub(crate) shared: bool,
 
     /// Take an exclusive lock (the default)
@@ -141,8 +151,7 @@ pub(crate) struct RunArgs {
     pub(crate) shell: Option<OsString>,
 
     /// The command and its arguments (after `--`)
-    #[arg(value_name = "COMMAND", trailing_var_arg = true, allow_hyphen_values = true,
-          num_args = 1..)]
+    #[arg(value_name = "COMMAND", last = true, num_args = 1..)]
     pub(crate) command: Vec<OsString>,
 }
 
@@ -185,8 +194,8 @@ mod tests {
 
     #[test]
     fn both_command_forms_parse() {
-        let cli = Cli::try_parse_from(["pglock", "run", "x", "-w", "1.5", "--", "ls", "-l"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["pglock", "run", "x", "-w", "1.5", "--", "ls", "-l"]).unwrap();
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
@@ -198,6 +207,9 @@ mod tests {
         };
         assert_eq!(run.shell.as_deref(), Some("echo hi".as_ref()));
         assert!(Cli::try_parse_from(["pglock", "run", "x"]).is_err());
+        // Without `--`, a typo in an option never runs as a command.
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "ls"]).is_err());
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "--bogus", "--", "ls"]).is_err());
         assert!(Cli::try_parse_from(["pglock", "run", "x", "-c", "a", "--", "b"]).is_err());
         assert!(Cli::try_parse_from(["pglock", "run", "x", "-n", "-w", "1", "--", "b"]).is_err());
     }

@@ -56,7 +56,7 @@ impl Target {
     pub(crate) fn connect(&self, application_name: &str) -> Result<Pool, Fail> {
         let mut config = self.config.clone();
         config.application_name(application_name);
-        let client = config.connect(NoTls).map_err(|e| {
+        let mut client = config.connect(NoTls).map_err(|e| {
             Fail::unavailable(format!(
                 "cannot connect to {} (from {}): {}",
                 describe(&config),
@@ -64,6 +64,13 @@ impl Target {
                 crate::describe_pg(&e)
             ))
         })?;
+        // Where the server can (PostgreSQL 14 and later, on Linux), have it check every
+        // second that pglock is still connected while a statement runs: a pglock killed
+        // in the middle of its wait leaves no orphan waiter behind. Elsewhere the
+        // setting is refused, and the server notices only when the wait ends.
+        if let Err(e) = client.batch_execute("SET client_connection_check_interval = 1000") {
+            let _ = e; // refused: an older server, or not Linux
+        }
         let timeout = config
             .get_connect_timeout()
             .copied()
@@ -140,7 +147,10 @@ pub(crate) fn config_from_pg_env(var: impl Fn(&str) -> Option<String>) -> Result
             .map_err(|_| Fail::usage(format!("PGPORT is not a port number: {port:?}")))?;
         config.port(port);
     }
-    if let Some(user) = var("PGUSER").or_else(|| var("USER")).or_else(|| var("LOGNAME")) {
+    if let Some(user) = var("PGUSER")
+        .or_else(|| var("USER"))
+        .or_else(|| var("LOGNAME"))
+    {
         config.user(&user);
     }
     if let Some(db) = var("PGDATABASE") {
@@ -151,7 +161,9 @@ pub(crate) fn config_from_pg_env(var: impl Fn(&str) -> Option<String>) -> Result
     }
     if let Some(secs) = var("PGCONNECT_TIMEOUT") {
         let secs = secs.trim().parse::<u64>().map_err(|_| {
-            Fail::usage(format!("PGCONNECT_TIMEOUT is not a number of seconds: {secs:?}"))
+            Fail::usage(format!(
+                "PGCONNECT_TIMEOUT is not a number of seconds: {secs:?}"
+            ))
         })?;
         if secs > 0 {
             config.connect_timeout(Duration::from_secs(secs.max(2)));
@@ -306,7 +318,10 @@ mod tests {
             redact_dsn("postgres://db/app?user=a&password=s3cret&x=1"),
             "postgres://db/app?user=a&password=***&x=1"
         );
-        assert_eq!(redact_dsn("postgres://alice@db/app"), "postgres://alice@db/app");
+        assert_eq!(
+            redact_dsn("postgres://alice@db/app"),
+            "postgres://alice@db/app"
+        );
     }
 
     #[test]
@@ -346,7 +361,10 @@ mod tests {
             .map(str::to_owned)
         };
         let config = config_from_pg_env(env).unwrap();
-        assert_eq!(describe(&config), "host=h1,h2 port=6000 user=bob dbname=jobs");
+        assert_eq!(
+            describe(&config),
+            "host=h1,h2 port=6000 user=bob dbname=jobs"
+        );
         assert_eq!(config.get_password(), Some(&b"pw"[..]));
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
 

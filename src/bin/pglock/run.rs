@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use pglock::postgres::fallible_iterator::FallibleIterator;
 use nix::unistd::Pid;
+use pglock::postgres::fallible_iterator::FallibleIterator;
 use pglock::{
-    inspect, Error, LockKey, LockMode, LockOptions, OwnedSessionGuard, SessionLock, WaitMode,
+    inspect, CancelHandle, Error, LockKey, LockMode, LockOptions, OwnedSessionGuard, SessionLock,
+    WaitMode,
 };
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
@@ -52,10 +53,10 @@ const APPLICATION_NAME_MAX: usize = 63;
 type Guard = OwnedSessionGuard<FirstThenConnect>;
 
 /// Where the command is, for the signal thread.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum ChildState {
-    /// Not started yet: a signal ends pglock (and so the wait).
-    Waiting,
+    /// Not started yet: a signal cancels the wait (if any) and ends pglock.
+    Waiting(Option<CancelHandle>),
     /// Running (or exited but not yet reaped: its pid cannot be reused).
     Running(Pid),
     /// Reaped: nothing to signal.
@@ -65,7 +66,9 @@ enum ChildState {
 type Shared = Arc<Mutex<ChildState>>;
 
 fn state(shared: &Shared) -> MutexGuard<'_, ChildState> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
@@ -77,13 +80,17 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
     }
     let target = Target::from_env(dsn)?;
     let key = LockKey::from_name(&args.name);
-    let shared: Shared = Arc::new(Mutex::new(ChildState::Waiting));
+    let shared: Shared = Arc::new(Mutex::new(ChildState::Waiting(None)));
     // Before the wait: a signal during it ends pglock with 128+N.
     forward_signals(&shared)?;
 
-    let pool = target.connect(&application_name(&args.name, &hostname(), std::process::id()))?;
+    let pool = target.connect(&application_name(
+        &args.name,
+        &hostname(),
+        std::process::id(),
+    ))?;
     let start = Instant::now();
-    let Some(guard) = acquire(&pool, &key, &args, start)? else {
+    let Some(guard) = acquire(&pool, &key, &args, start, &shared)? else {
         return Ok(args.conflict_exit_code);
     };
     if args.verbose {
@@ -106,7 +113,13 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
 }
 
 /// Takes the lock as the options say: `None` when it stayed busy.
-fn acquire(pool: &Pool, key: &LockKey, args: &RunArgs, start: Instant) -> Result<Option<Guard>, Fail> {
+fn acquire(
+    pool: &Pool,
+    key: &LockKey,
+    args: &RunArgs,
+    start: Instant,
+    shared: &Shared,
+) -> Result<Option<Guard>, Fail> {
     let mode = if args.shared {
         LockMode::Shared
     } else {
@@ -148,6 +161,9 @@ fn acquire(pool: &Pool, key: &LockKey, args: &RunArgs, start: Instant) -> Result
         None => options,
     };
     let lock = SessionLock::with_options(pool, key.clone(), options).map_err(lock_fail)?;
+    // A signal during the wait cancels it on the server: a backend busy waiting would
+    // not notice that pglock's connection closed until the lock is granted.
+    *state(shared) = ChildState::Waiting(Some(lock.cancel_handle()));
     match lock.lock_owned() {
         Ok(guard) => Ok(Some(guard)),
         Err(Error::Timeout { .. }) => {
@@ -172,12 +188,9 @@ fn report_conflict(pool: &Pool, key: &LockKey, args: &RunArgs, start: Instant) {
 
 /// "held by pid 123 (...)", from `pg_locks` and `pg_stat_activity`.
 fn who_holds(pool: &Pool, key: &LockKey) -> String {
-    let holders = pool
-        .get()
-        .map_err(|e| e.to_string())
-        .and_then(|mut conn| {
-            inspect::holders(&mut *conn, Some(key)).map_err(|e| crate::describe_pg(&e))
-        });
+    let holders = pool.get().map_err(|e| e.to_string()).and_then(|mut conn| {
+        inspect::holders(&mut *conn, Some(key)).map_err(|e| crate::describe_pg(&e))
+    });
     match holders {
         Ok(rows) => {
             let held: Vec<String> = rows
@@ -207,7 +220,9 @@ fn lock_fail(e: Error) -> Fail {
 /// Runs the command and watches it and the lock. Returns pglock's exit code.
 fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -> Result<u8, Fail> {
     let mut command = Command::new(exec::SELF_EXE);
-    command.arg0("pglock").args(exec::prefix(std::process::id()));
+    command
+        .arg0("pglock")
+        .args(exec::prefix(std::process::id()));
     match &args.shell {
         Some(shell) => command.args([OsString::from("/bin/sh"), "-c".into(), shell.clone()]),
         None => command.args(&args.command),
@@ -222,7 +237,10 @@ fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -
         // Spawned from the main thread, which lives as long as pglock: the parent-death
         // signal follows the thread that forked, not the process.
         let child = command.spawn().map_err(|e| {
-            Fail::internal(format!("cannot start the command (through {}): {e}", exec::SELF_EXE))
+            Fail::internal(format!(
+                "cannot start the command (through {}): {e}",
+                exec::SELF_EXE
+            ))
         })?;
         *st = ChildState::Running(Pid::from_raw(child.id() as i32));
         child
@@ -352,14 +370,17 @@ fn forward_signals(shared: &Shared) -> Result<(), Fail> {
             for origin in signals.forever() {
                 let signal = origin.signal;
                 let st = state(&shared);
-                match *st {
-                    ChildState::Waiting => {
+                match &*st {
+                    ChildState::Waiting(cancel) => {
                         eprintln!(
                             "pglock: {} before the command started; giving up",
                             signal_name(signal)
                         );
-                        // The connection closes with the process: the server drops the
-                        // wait, or frees a lock just granted.
+                        if let Some(cancel) = cancel {
+                            let _ = cancel.cancel();
+                        }
+                        // The connection closes with the process: the server frees a
+                        // lock just granted.
                         std::process::exit(128 + signal);
                     }
                     // Sent by the kernel to the whole process group (a terminal's Ctrl-C,
@@ -367,7 +388,7 @@ fn forward_signals(shared: &Shared) -> Result<(), Fail> {
                     ChildState::Running(_) if origin.cause == Cause::Kernel => {}
                     ChildState::Running(pid) => {
                         if let Ok(s) = Signal::try_from(signal) {
-                            let _ = kill(pid, s);
+                            let _ = kill(*pid, s);
                         }
                     }
                     ChildState::Reaped => {}
@@ -410,7 +431,13 @@ fn hostname() -> String {
 pub(crate) fn application_name(name: &str, host: &str, pid: u32) -> String {
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
             .collect()
     };
     let (name, host) = (clean(name), clean(host));

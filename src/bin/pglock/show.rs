@@ -166,9 +166,12 @@ fn status_json(groups: &[(LockKey, Vec<&LockHolder>)], now: SystemTime) -> Strin
 fn session_json(s: &LockHolder, now: SystemTime) -> String {
     let pid = s.pid.map_or("null".to_owned(), |p| p.to_string());
     let since = s.since.map(rfc3339);
-    let ago = s
-        .since
-        .map(|t| format!("{:.3}", now.duration_since(t).unwrap_or_default().as_secs_f64()));
+    let ago = s.since.map(|t| {
+        format!(
+            "{:.3}",
+            now.duration_since(t).unwrap_or_default().as_secs_f64()
+        )
+    });
     format!(
         "{{\"pid\":{pid},\"mode\":\"{}\",\"granted\":{},\"application_name\":{},\"user\":{},\
          \"client_addr\":{},\"client_port\":{},\"since\":{},\"seconds\":{},\"state\":{},\
@@ -211,15 +214,29 @@ pub(crate) fn json_string(s: &str) -> String {
     out
 }
 
-/// A SQL string literal: single quotes doubled. With an `E` prefix when the text holds
-/// a backslash, so that it means the same whatever `standard_conforming_strings` says.
+/// A SQL string literal on one line: single quotes doubled; with an `E` prefix and
+/// backslash escapes when the text holds a backslash or a control character, so that
+/// it means the same whatever `standard_conforming_strings` says.
 fn sql_literal(s: &str) -> String {
-    let quoted = s.replace('\'', "''");
-    if s.contains('\\') {
-        format!("E'{}'", quoted.replace('\\', "\\\\"))
-    } else {
-        format!("'{quoted}'")
+    if !s.chars().any(|c| c == '\\' || c.is_control()) {
+        return format!("'{}'", s.replace('\'', "''"));
     }
+    let mut out = String::from("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// `1.234 s`.
@@ -276,7 +293,11 @@ mod tests {
 
     #[test]
     fn sql_literals_cannot_be_escaped_from() {
-        assert_eq!(sql_literal("it's; DROP TABLE x; --"), "'it''s; DROP TABLE x; --'");
+        assert_eq!(
+            sql_literal("it's; DROP TABLE x; --"),
+            "'it''s; DROP TABLE x; --'"
+        );
         assert_eq!(sql_literal("a\\'b"), "E'a\\\\''b'");
+        assert_eq!(sql_literal("a\nb\u{1}"), "E'a\\nb\\u0001'");
     }
 }
