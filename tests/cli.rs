@@ -754,3 +754,53 @@ fn help_documents_the_exit_codes() {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }
 }
+
+/// The set of signals `pid` ignores, or catches, from `/proc/PID/status` (bit N-1 for N).
+fn sig_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap();
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+#[test]
+fn signals_ignored_at_start_stay_ignored_in_pglock_and_the_command() {
+    let name = unique_name!();
+    let hup = 1u64 << (1 - 1);
+    let term = 1u64 << (15 - 1);
+    let mut run = Command::new("nohup")
+        .arg(BIN)
+        .args(["run", &name, "-c", "echo $$; exec sleep 1000"])
+        .env("DATABASE_URL", common::database_url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let child: u32 = line(&mut out).parse().unwrap();
+    // nohup execs pglock: same pid.
+    assert_ne!(
+        sig_mask(run.id(), "SigIgn") & hup,
+        0,
+        "pglock ignores SIGHUP"
+    );
+    assert_eq!(
+        sig_mask(run.id(), "SigCgt") & hup,
+        0,
+        "pglock does not catch SIGHUP"
+    );
+    assert_ne!(
+        sig_mask(run.id(), "SigCgt") & term,
+        0,
+        "pglock catches SIGTERM"
+    );
+    assert_ne!(
+        sig_mask(child, "SigIgn") & hup,
+        0,
+        "the command ignores SIGHUP"
+    );
+    signal(run.id(), "TERM");
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(128 + 15));
+}
