@@ -8,7 +8,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   N        pglock run: the command's own exit code, verbatim
-  128+N    pglock run: the command died of signal N (130 for SIGINT, 143 for SIGTERM)
+  128+N    pglock run: the command died of signal N (130 for SIGINT, 143 for SIGTERM),
+           or pglock got signal N while still waiting for the lock
   1        pglock run: the lock was busy (-n) or still busy after -w SECS
            (change it with -E/--conflict-exit-code)
   75       pglock run: the lock was lost while the command ran (its session was
