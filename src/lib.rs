@@ -157,6 +157,11 @@
 //! [`CancelHandle`] aborts a lock's waits from another thread (a Ctrl-C handler, a
 //! supervisor): the waiter gets [`Error::Cancelled`] and holds nothing.
 //!
+//! # Who holds a lock
+//!
+//! [`inspect::holders`] lists the sessions that hold or wait for a key (or for every
+//! advisory lock of the database), from `pg_locks` and `pg_stat_activity`.
+//!
 //! # Logging
 //!
 //! Through [`log`]: `debug` on lock and unlock with the key and the time waited or held;
@@ -168,6 +173,7 @@
 mod advisory;
 mod cancel;
 mod error;
+pub mod inspect;
 mod key;
 mod lease;
 mod locker;

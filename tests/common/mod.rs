@@ -19,7 +19,7 @@ pub fn database_url() -> String {
         _ => panic!(
             "\n\nDATABASE_URL is not set: pglock's tests need a real PostgreSQL server.\n\
              Run them through the throwaway-cluster script, which starts one and stops it \
-             afterwards:\n\n    ci/with-postgres cargo nextest run\n\n\
+             afterwards:\n\n    ci/with-postgres cargo nextest run --features cli\n\n\
              or set DATABASE_URL to a server you own, e.g.\n\n    \
              DATABASE_URL=postgres://postgres@localhost/postgres cargo nextest run\n\n"
         ),

@@ -1,0 +1,217 @@
+//! The command line.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+pub(crate) const EXIT_CODES: &str = "\
+Exit codes:
+  N        pglock run: the command's own exit code, verbatim
+  128+N    pglock run: the command died of signal N (130 for SIGINT, 143 for SIGTERM),
+           or pglock got signal N while still waiting for the lock
+  1        pglock run: the lock was busy (-n) or still busy after -w SECS
+           (change it with -E/--conflict-exit-code)
+  75       pglock run: the lock was lost while the command ran (its session was
+           terminated or its connection dropped); the command got SIGTERM, and
+           SIGKILL after --grace SECS
+  126, 127 pglock run: the command could not be executed, or was not found
+  64       usage error: bad option, missing command, bad name or connection string
+  69       the database is unreachable (connection refused, authentication failed)
+  70       any other failure of pglock itself";
+
+const CONNECTION: &str = "\
+Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, else
+libpq's variables PGHOST (default localhost), PGPORT, PGUSER (default $USER),
+PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. No TLS. Passwords are never printed.";
+
+/// Distributed locks on PostgreSQL advisory locks, from the shell.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pglock",
+    version,
+    after_help = format!("{CONNECTION}\n\n{EXIT_CODES}"),
+    disable_help_subcommand = true
+)]
+pub(crate) struct Cli {
+    /// PostgreSQL connection string (URL or key=value); default: DATABASE_URL, else PG*
+    #[arg(long, global = true, value_name = "DSN")]
+    pub(crate) dsn: Option<String>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a command while holding a session advisory lock (like flock(1), for a fleet)
+    #[command(
+        long_about = "Run a command while holding a session advisory lock, like flock(1) but \
+across every host that reaches the same database.\n\n\
+pglock takes pg_advisory_lock(hashtextextended(NAME, 0)) on its own connection, runs the \
+command as a child with stdin, stdout and stderr passed through, and releases the lock when \
+the command exits. The child gets PGLOCK_NAME, PGLOCK_KEY (the 64-bit key) and PGLOCK_HELD=1 \
+in its environment.\n\n\
+The lock is a session lock held by pglock's connection for the command's whole run. \
+Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no sense for a \
+child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
+same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
+pool_mode=transaction): connect directly or in session mode.\n\n\
+Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the command \
+(a terminal's Ctrl-C already reaches both, and is not sent twice); while pglock still waits \
+for the lock they end it with 128+N. The command never outlives pglock, even when pglock is \
+killed with SIGKILL (Linux's parent-death signal). If the lock is lost while the command \
+runs (an administrator's pg_terminate_backend, a dropped connection), pglock sends the \
+command SIGTERM at once, SIGKILL after --grace, and exits with 75.\n\n\
+The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
+pg_stat_activity and in `pglock status`.",
+        override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
+                          pglock run [OPTIONS] NAME -c SHELL_COMMAND",
+        group(ArgGroup::new("what").required(true).args(["shell", "command"])),
+        after_help = EXIT_CODES
+    )]
+    Run(RunArgs),
+
+    /// Print a name's lock key, its pg_locks coordinates, and the SQL that takes it
+    Key {
+        /// The lock's name
+        name: String,
+    },
+
+    /// Show who holds and who waits for a lock, or for every advisory lock of the database
+    #[command(after_help = format!("{CONNECTION}\n\n\
+`since` is when a waiter began waiting (pg_locks.waitstart), and for a holder the last \
+state change of its session (pg_stat_activity.state_change): exactly when `pglock run` \
+got the lock, and a time the lock was already held for any idle session. A role that is \
+not a superuser or member of pg_read_all_stats sees other roles' sessions without their \
+query, client address, state and holders' since."))]
+    Status {
+        /// The lock's name; without one, every advisory lock of the database
+        name: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The lock's name (the key is hashtextextended(NAME, 0))
+    pub(crate) name: String,
+
+    /// Fail at once (exit 1, or -E) if the lock is busy
+    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    pub(crate) nonblock: bool,
+
+    /// Wait at most SECS (fractions allowed; 0 = one try), then fail (exit 1, or -E)
+    #[arg(short = 'w', long = "wait", visible_alias = "timeout", value_name = "SECS",
+          value_parser = parse_secs)]
+    pub(crate) wait: Option<Duration>,
+
+    /// Exit code for a busy lock with -n, or one still busy after -w
+    #[arg(
+        short = 'E',
+        long = "conflict-exit-code",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub(crate) conflict_exit_code: u8,
+
+    /// Take a shared lock: any number of shared holders at once, no exclusive one
+    #[arg(
+        short = 's',
+        long = "shared",
+        visible_alias = "read",
+        conflicts_with = "exclusive"
+    )]
+    pub(crate) shared: bool,
+
+    /// Take an exclusive lock (the default)
+    #[arg(short = 'x', long = "exclusive", visible_alias = "write")]
+    pub(crate) exclusive: bool,
+
+    /// Wait by polling with non-blocking tries (10 ms up to 1 s apart) instead of waiting
+    /// on the server: for holders that run CREATE INDEX CONCURRENTLY
+    #[arg(long)]
+    pub(crate) poll: bool,
+
+    /// After the lock is lost, how long the command has between SIGTERM and SIGKILL
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    pub(crate) grace: Duration,
+
+    /// Say how long pglock waited, and who held the lock meanwhile
+    #[arg(short = 'v', long)]
+    pub(crate) verbose: bool,
+
+    /// Do not say who holds the lock on a conflict
+    #[arg(short = 'q', long, conflicts_with = "verbose")]
+    pub(crate) quiet: bool,
+
+    /// Run this string with /bin/sh -c instead of a command with arguments
+    #[arg(short = 'c', long = "command", value_name = "SHELL_COMMAND")]
+    pub(crate) shell: Option<OsString>,
+
+    /// The command and its arguments (after `--`)
+    #[arg(value_name = "COMMAND", last = true, num_args = 1..)]
+    pub(crate) command: Vec<OsString>,
+}
+
+/// Seconds with fractions, within PostgreSQL's lock_timeout range.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("not a number of seconds >= 0: {s:?}"));
+    }
+    // PostgreSQL's limit for lock_timeout: i32::MAX milliseconds (about 24.8 days).
+    if secs * 1000.0 > f64::from(i32::MAX) {
+        return Err(format!("at most {} seconds", i32::MAX / 1000));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_take_fractions_and_refuse_nonsense() {
+        assert_eq!(parse_secs("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("NaN").is_err());
+        assert!(parse_secs("inf").is_err());
+        assert!(parse_secs("1e10").is_err());
+        assert!(parse_secs("soon").is_err());
+    }
+
+    #[test]
+    fn both_command_forms_parse() {
+        let cli =
+            Cli::try_parse_from(["pglock", "run", "x", "-w", "1.5", "--", "ls", "-l"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.command, ["ls", "-l"]);
+        assert_eq!(run.wait, Some(Duration::from_millis(1500)));
+        let cli = Cli::try_parse_from(["pglock", "run", "x", "-c", "echo hi"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.shell.as_deref(), Some("echo hi".as_ref()));
+        assert!(Cli::try_parse_from(["pglock", "run", "x"]).is_err());
+        // Without `--`, a typo in an option never runs as a command.
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "ls"]).is_err());
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "--bogus", "--", "ls"]).is_err());
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "-c", "a", "--", "b"]).is_err());
+        assert!(Cli::try_parse_from(["pglock", "run", "x", "-n", "-w", "1", "--", "b"]).is_err());
+    }
+}

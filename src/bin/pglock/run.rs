@@ -1,0 +1,511 @@
+//! `pglock run`: lock, run the command as a child, watch both, release.
+//!
+//! Three things can happen while the command runs, and the main thread waits for all of
+//! them at once without sending a single query: it blocks reading the lock's connection
+//! (`notifications().timeout_iter`, which only reads the socket) for at most [`TICK`],
+//! and checks the child in between.
+//!
+//! - The command exits: pglock unlocks and exits with the command's code (or 128+N).
+//! - The lock's session ends (`pg_terminate_backend`, a server restart, a dropped
+//!   connection): the server's FATAL message or the closed socket wakes the read at once.
+//!   pglock sends the command SIGTERM, SIGKILL after `--grace`, and exits with 75.
+//! - A signal arrives: a thread of its own forwards it to the command.
+
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pglock::postgres::fallible_iterator::FallibleIterator;
+use pglock::{
+    inspect, CancelHandle, Error, LockKey, LockMode, LockOptions, OwnedSessionGuard, SessionLock,
+    WaitMode,
+};
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
+
+use crate::args::RunArgs;
+use crate::conn::{FirstThenConnect, Pool, Target};
+use crate::{check_name, exec, show, Fail, EX_LOCK_LOST};
+
+/// The longest the main thread blocks on the connection before it looks at the child:
+/// the bound on the time from the command's exit to the unlock. Lock loss wakes it at
+/// once, whatever this is.
+const TICK: Duration = Duration::from_millis(20);
+
+/// The signals forwarded to the command.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// PostgreSQL's limit for `application_name` (NAMEDATALEN - 1 bytes).
+const APPLICATION_NAME_MAX: usize = 63;
+
+type Guard = OwnedSessionGuard<FirstThenConnect>;
+
+/// Where the command is, for the signal thread.
+#[derive(Debug)]
+enum ChildState {
+    /// Not started yet: a signal cancels the wait (if any) and ends pglock.
+    Waiting(Option<CancelHandle>),
+    /// Running (or exited but not yet reaped: its pid cannot be reused).
+    Running(Pid),
+    /// Reaped: nothing to signal.
+    Reaped,
+}
+
+type Shared = Arc<Mutex<ChildState>>;
+
+fn state(shared: &Shared) -> MutexGuard<'_, ChildState> {
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
+    check_name(&args.name)?;
+    if args.command.is_empty() && args.shell.is_none() {
+        return Err(Fail::usage(
+            "no command: give `-- COMMAND [ARGS...]` or `-c 'SHELL COMMAND'`",
+        ));
+    }
+    let target = Target::from_env(dsn)?;
+    let key = LockKey::from_name(&args.name);
+    let shared: Shared = Arc::new(Mutex::new(ChildState::Waiting(None)));
+    // Before the wait: a signal during it ends pglock with 128+N.
+    forward_signals(&shared)?;
+
+    let pool = target.connect(&application_name(
+        &args.name,
+        &hostname(),
+        std::process::id(),
+    ))?;
+    let start = Instant::now();
+    let Some(guard) = acquire(&pool, &key, &args, start, &shared)? else {
+        return Ok(args.conflict_exit_code);
+    };
+    if args.verbose {
+        eprintln!(
+            "pglock: locked {} after waiting {}",
+            key,
+            show::secs(start.elapsed())
+        );
+    }
+    let held_since = Instant::now();
+    let code = supervise(guard, &key, &args, &shared)?;
+    if args.verbose {
+        eprintln!(
+            "pglock: released {} after holding it {}",
+            key,
+            show::secs(held_since.elapsed())
+        );
+    }
+    Ok(code)
+}
+
+/// Takes the lock as the options say: `None` when it stayed busy.
+fn acquire(
+    pool: &Pool,
+    key: &LockKey,
+    args: &RunArgs,
+    start: Instant,
+    shared: &Shared,
+) -> Result<Option<Guard>, Fail> {
+    let mode = if args.shared {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let wait_mode = if args.poll {
+        WaitMode::poll()
+    } else {
+        WaitMode::Server
+    };
+    let options = LockOptions::new().mode(mode).wait_mode(wait_mode);
+    // One try first: the common case, and the moment to say who is in the way.
+    let lock = SessionLock::with_options(pool, key.clone(), options.clone()).map_err(lock_fail)?;
+    if let Some(guard) = lock.try_lock_owned().map_err(lock_fail)? {
+        return Ok(Some(guard));
+    }
+    let limit = if args.nonblock {
+        Some(Duration::ZERO)
+    } else {
+        args.wait
+    };
+    let rest = limit.map(|limit| limit.saturating_sub(start.elapsed()));
+    if rest == Some(Duration::ZERO) {
+        report_conflict(pool, key, args, start);
+        return Ok(None);
+    }
+    if args.verbose {
+        let bound = match rest {
+            Some(rest) => format!(" at most {}", show::secs(rest)),
+            None => String::new(),
+        };
+        eprintln!(
+            "pglock: {key} is busy, {}; waiting{bound}",
+            who_holds(pool, key)
+        );
+    }
+    let options = match rest {
+        Some(rest) => options.lock_timeout(rest),
+        None => options,
+    };
+    let lock = SessionLock::with_options(pool, key.clone(), options).map_err(lock_fail)?;
+    // A signal during the wait cancels it on the server: a backend busy waiting would
+    // not notice that pglock's connection closed until the lock is granted.
+    *state(shared) = ChildState::Waiting(Some(lock.cancel_handle()));
+    match lock.lock_owned() {
+        Ok(guard) => Ok(Some(guard)),
+        Err(Error::Timeout { .. }) => {
+            report_conflict(pool, key, args, start);
+            Ok(None)
+        }
+        Err(e) => Err(lock_fail(e)),
+    }
+}
+
+fn report_conflict(pool: &Pool, key: &LockKey, args: &RunArgs, start: Instant) {
+    if args.quiet {
+        return;
+    }
+    let waited = if args.nonblock || args.wait == Some(Duration::ZERO) {
+        String::new()
+    } else {
+        format!(" after waiting {}", show::secs(start.elapsed()))
+    };
+    eprintln!("pglock: {key} is busy{waited}, {}", who_holds(pool, key));
+}
+
+/// "held by pid 123 (...)", from `pg_locks` and `pg_stat_activity`.
+fn who_holds(pool: &Pool, key: &LockKey) -> String {
+    let holders = pool.get().map_err(|e| e.to_string()).and_then(|mut conn| {
+        inspect::holders(&mut *conn, Some(key)).map_err(|e| crate::describe_pg(&e))
+    });
+    match holders {
+        Ok(rows) => {
+            let held: Vec<String> = rows
+                .iter()
+                .filter(|h| h.granted)
+                .map(show::holder_summary)
+                .collect();
+            if held.is_empty() {
+                "but it has no holder any more".to_owned()
+            } else {
+                format!("held by {}", held.join("; "))
+            }
+        }
+        Err(e) => format!("and its holders could not be listed: {e}"),
+    }
+}
+
+fn lock_fail(e: Error) -> Fail {
+    let msg = crate::describe_lock_error(&e);
+    match e {
+        Error::Pool { .. } => Fail::unavailable(msg),
+        Error::InvalidArgument { .. } => Fail::usage(msg),
+        _ => Fail::internal(msg),
+    }
+}
+
+/// Runs the command and watches it and the lock. Returns pglock's exit code.
+fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -> Result<u8, Fail> {
+    let mut command = Command::new(exec::SELF_EXE);
+    command
+        .arg0("pglock")
+        .args(exec::prefix(std::process::id()));
+    match &args.shell {
+        Some(shell) => command.args([OsString::from("/bin/sh"), "-c".into(), shell.clone()]),
+        None => command.args(&args.command),
+    };
+    command
+        .env("PGLOCK_NAME", &args.name)
+        .env("PGLOCK_KEY", key_value(key))
+        .env("PGLOCK_HELD", "1");
+
+    let mut child = {
+        let mut st = state(shared);
+        // Spawned from the main thread, which lives as long as pglock: the parent-death
+        // signal follows the thread that forked, not the process.
+        let child = command.spawn().map_err(|e| {
+            Fail::internal(format!(
+                "cannot start the command (through {}): {e}",
+                exec::SELF_EXE
+            ))
+        })?;
+        *st = ChildState::Running(Pid::from_raw(child.id() as i32));
+        child
+    };
+
+    let lost = loop {
+        if let Some(status) = reap(&mut child, shared)? {
+            return Ok(match OwnedSessionGuard::unlock(guard) {
+                Ok(()) => exit_code(status),
+                Err(e @ Error::LockLost { .. }) => {
+                    eprintln!(
+                        "pglock: the command finished ({}), but {}",
+                        describe_status(status),
+                        crate::describe_lock_error(&e)
+                    );
+                    EX_LOCK_LOST
+                }
+                Err(e) => {
+                    // The session was ended to free the lock; the command ran under it.
+                    eprintln!("pglock: warning: {}", crate::describe_lock_error(&e));
+                    exit_code(status)
+                }
+            });
+        }
+        let read = guard.notifications().timeout_iter(TICK).next().map(|_| ());
+        match read {
+            Ok(()) if !guard.is_closed() => {}
+            Ok(()) => break "the connection was closed".to_owned(),
+            Err(e) => break crate::describe_pg(&e),
+        }
+    };
+
+    let pid = child.id();
+    eprintln!(
+        "pglock: lost the lock {key}: its session ended ({lost}); sending SIGTERM to the \
+         command (pid {pid}), SIGKILL after {}",
+        show::secs(args.grace)
+    );
+    let status = terminate(&mut child, shared, args.grace)?;
+    eprintln!(
+        "pglock: the command ended ({}) after losing the lock",
+        describe_status(status)
+    );
+    drop(guard);
+    Ok(EX_LOCK_LOST)
+}
+
+/// SIGTERM, then SIGKILL after `grace`; reaps the child.
+fn terminate(child: &mut Child, shared: &Shared, grace: Duration) -> Result<ExitStatus, Fail> {
+    let pid = Pid::from_raw(child.id() as i32);
+    // Not reaped yet (only this thread reaps), so the pid is still the child's.
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = reap(child, shared)? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            let status = child
+                .wait()
+                .map_err(|e| Fail::internal(format!("cannot wait for the command: {e}")))?;
+            *state(shared) = ChildState::Reaped;
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `try_wait` under the state lock, so that the signal thread never signals a reaped pid.
+fn reap(child: &mut Child, shared: &Shared) -> Result<Option<ExitStatus>, Fail> {
+    let mut st = state(shared);
+    let status = child
+        .try_wait()
+        .map_err(|e| Fail::internal(format!("cannot wait for the command: {e}")))?;
+    if status.is_some() {
+        *st = ChildState::Reaped;
+    }
+    Ok(status)
+}
+
+/// The command's exit code, or 128+N for death by signal N.
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => (128 + signal) as u8,
+        (None, None) => crate::EX_SOFTWARE,
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        (None, None) => status.to_string(),
+    }
+}
+
+/// `PGLOCK_KEY`: the 64-bit key, as `pglock key` and the README print it.
+fn key_value(key: &LockKey) -> String {
+    match (key.as_i64(), key.as_pair()) {
+        (Some(k), _) => k.to_string(),
+        (None, Some((a, b))) => format!("{a},{b}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// Starts the thread that forwards signals to the command. Signals that were ignored
+/// when pglock started (`nohup`, a shell's background job) stay ignored, in pglock and,
+/// through `exec`, in the command.
+fn forward_signals(shared: &Shared) -> Result<(), Fail> {
+    let ignored = ignored_signals();
+    let wanted: Vec<i32> = FORWARDED
+        .iter()
+        .map(|&s| s as i32)
+        .filter(|&s| ignored & (1u64 << (s - 1)) == 0)
+        .collect();
+    let mut signals = SignalsInfo::<WithOrigin>::new(&wanted)
+        .map_err(|e| Fail::internal(format!("cannot install signal handlers: {e}")))?;
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for origin in signals.forever() {
+                let signal = origin.signal;
+                let st = state(&shared);
+                match &*st {
+                    ChildState::Waiting(cancel) => {
+                        eprintln!(
+                            "pglock: {} before the command started; giving up",
+                            signal_name(signal)
+                        );
+                        if let Some(cancel) = cancel {
+                            let _ = cancel.cancel();
+                        }
+                        // The connection closes with the process: the server frees a
+                        // lock just granted.
+                        std::process::exit(128 + signal);
+                    }
+                    // Sent by the kernel to the whole process group (a terminal's Ctrl-C,
+                    // a hangup): the command, in pglock's group, has it already.
+                    ChildState::Running(_) if origin.cause == Cause::Kernel => {}
+                    ChildState::Running(pid) => {
+                        if let Ok(s) = Signal::try_from(signal) {
+                            let _ = kill(*pid, s);
+                        }
+                    }
+                    ChildState::Reaped => {}
+                }
+            }
+        })
+        .map_err(|e| Fail::internal(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}
+
+fn signal_name(signal: i32) -> String {
+    Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.to_string())
+}
+
+/// The set of ignored signals, from `SigIgn` in `/proc/self/status` (bit N-1 for signal
+/// N); empty if it cannot be read.
+fn ignored_signals() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| parse_sigign(&status))
+        .unwrap_or(0)
+}
+
+fn parse_sigign(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("SigIgn:"))?;
+    u64::from_str_radix(line["SigIgn:".len()..].trim(), 16).ok()
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+/// `pglock run NAME HOST:PID`, at most 63 bytes: PostgreSQL's limit, past which the
+/// server would cut it. Characters other than printable ASCII show as `?` (what
+/// PostgreSQL 15 does to them; 16 and later would escape them instead), so what is set is
+/// exactly what `pg_stat_activity` shows. A long NAME is shortened (ending in `...`) so
+/// that `HOST:PID` stays; only a very long host name is cut.
+pub(crate) fn application_name(name: &str, host: &str, pid: u32) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect()
+    };
+    let (name, host) = (clean(name), clean(host));
+    let prefix = "pglock run ";
+    let suffix = format!(" {host}:{pid}");
+    let room = APPLICATION_NAME_MAX.saturating_sub(prefix.len() + suffix.len());
+    let name = if name.len() <= room {
+        name
+    } else if room > 3 {
+        format!("{}...", truncate_at_char_boundary(&name, room - 3))
+    } else {
+        String::new()
+    };
+    truncate_at_char_boundary(&format!("{prefix}{name}{suffix}"), APPLICATION_NAME_MAX).to_owned()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn truncate_at_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_names_fit_postgres_limit_and_keep_host_and_pid() {
+        assert_eq!(
+            application_name("nightly-report", "web-1", 4242),
+            "pglock run nightly-report web-1:4242"
+        );
+        let long = application_name(&"x".repeat(500), "web-1", 4242);
+        assert_eq!(long.len(), 63, "{long}");
+        assert!(long.ends_with("xxx... web-1:4242"), "{long}");
+        let odd = application_name("a'b;\"c\ndé", "h", 1);
+        assert_eq!(odd, "pglock run a'b;\"c?d? h:1");
+        let huge_host = application_name("n", &"h".repeat(100), 1);
+        assert_eq!(huge_host.len(), 63);
+    }
+
+    #[test]
+    fn truncation_never_splits_a_character() {
+        let s = "ééé"; // two bytes each
+        assert_eq!(truncate_at_char_boundary(s, 3), "é");
+        assert_eq!(truncate_at_char_boundary(s, 4), "éé");
+        assert_eq!(truncate_at_char_boundary(s, 100), s);
+        assert_eq!(truncate_at_char_boundary("日本", 2), "");
+    }
+
+    #[test]
+    fn sigign_is_read_from_proc_status() {
+        let status = "Name:\tx\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001001\n";
+        // SIGHUP (1) and SIGPIPE (13).
+        assert_eq!(parse_sigign(status), Some(0x1001));
+        assert_eq!(parse_sigign("Name: x\n"), None);
+    }
+
+    #[test]
+    fn exit_codes_pass_through() {
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(15)), 143);
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+    }
+}

@@ -1,0 +1,806 @@
+//! The `pglock` command-line tool (`--features cli`), run as a real process against a
+//! real server. Each test uses lock names of its own.
+//!
+//! Children report to the test through a pipe (their stdout): "ready", their pid. Time
+//! bounds are generous: the machine is small and busy.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{admin, wait_until};
+use pglock::{LockKey, SessionLock};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pglock");
+const LONG: Duration = Duration::from_secs(30);
+
+/// A lock name of the calling test's own.
+macro_rules! unique_name {
+    () => {
+        format!("pglock-cli-test/{}", function_name!())
+    };
+}
+
+fn pglock() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("DATABASE_URL", common::database_url());
+    cmd
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output().expect("run pglock")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A folder of the test's own, emptied.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pglock-cli-{}-{}",
+        test.replace(['/', ':'], "_"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts `pglock ARGS` with its stdout piped to the test.
+fn spawn(args: &[&str]) -> (Child, BufReader<ChildStdout>) {
+    let mut child = pglock()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pglock");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+/// The next line the child wrote, without its newline.
+fn line(out: &mut BufReader<ChildStdout>) -> String {
+    let mut s = String::new();
+    out.read_line(&mut s).expect("read the child's stdout");
+    s.trim_end().to_owned()
+}
+
+/// Waits for `child` to exit, at most `within`.
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pglock did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn child_stderr(child: &mut Child) -> String {
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// The backend of the `pglock run` with process id `pid`, found by its application_name.
+fn backend_of(admin: &mut postgres::Client, pid: u32) -> i32 {
+    let mut backend = None;
+    wait_until("pglock's session shows in pg_stat_activity", LONG, || {
+        backend = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE $1",
+                // Long names are shortened; the host and pid stay.
+                &[&format!("pglock run % {}:{pid}", hostname())],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        backend.is_some()
+    });
+    backend.unwrap()
+}
+
+/// A lock held by the test itself, on a connection named `holder`.
+fn hold() -> (common::Pool, i32) {
+    let mut config = common::config();
+    config.application_name("test-holder");
+    let pool = common::pool_with(1, config);
+    let mut conn = pool.get().unwrap();
+    let pid = common::backend_pid(&mut conn);
+    drop(conn);
+    (pool, pid)
+}
+
+#[test]
+fn two_concurrent_runs_never_overlap() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let log = dir.join("log");
+    let script = format!(
+        "echo enter $$ >> {0}; sleep 0.2; echo exit $$ >> {0}",
+        log.display()
+    );
+    let runs: Vec<Child> = (0..3)
+        .map(|_| {
+            pglock()
+                .args(["run", &name, "-c", &script])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut run in runs {
+        assert!(wait_exit(&mut run, LONG).success());
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for pair in lines.chunks(2) {
+        let (enter, exit) = (pair[0], pair[1]);
+        assert!(enter.starts_with("enter "), "interleaved:\n{text}");
+        assert_eq!(
+            exit,
+            enter.replacen("enter", "exit", 1),
+            "interleaved:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn a_busy_lock_fails_with_the_conflict_code_and_names_its_holder() {
+    let name = unique_name!();
+    let (pool, holder_pid) = hold();
+    let mut lock = SessionLock::new(&pool, name.as_str()).unwrap();
+    let guard = lock.lock().unwrap();
+
+    let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("is busy"), "{err}");
+    assert!(err.contains(&format!("held by pid {holder_pid}")), "{err}");
+    assert!(err.contains("application_name \"test-holder\""), "{err}");
+    assert!(err.contains(" since "), "{err}");
+
+    let out = output(pglock().args(["run", "-n", "-E", "7", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let out = output(pglock().args(["run", "-q", "-w", "0", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), "", "--quiet");
+
+    let start = Instant::now();
+    let out = output(pglock().args(["run", "-w", "0.5", &name, "--", "true"]));
+    let waited = start.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    assert!(
+        stderr(&out).contains("after waiting 0."),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(&format!("held by pid {holder_pid}")));
+
+    // --poll waits the same way.
+    let out = output(pglock().args(["run", "--poll", "-w", "0.3", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // Shared holders do not exclude each other.
+    drop(guard);
+    drop(lock);
+    let mut shared = pglock::SessionLock::with_options(
+        &pool,
+        name.as_str(),
+        pglock::LockOptions::new().mode(pglock::LockMode::Shared),
+    )
+    .unwrap();
+    let guard = shared.lock().unwrap();
+    let out = output(pglock().args(["run", "-n", "-s", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = output(pglock().args(["run", "-n", "-x", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    drop(guard);
+
+    // Free again: the command runs.
+    let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn a_wait_ends_when_the_holder_releases() {
+    let name = unique_name!();
+    let (pool, _) = hold();
+    let mut lock = SessionLock::new(&pool, name.as_str()).unwrap();
+    let guard = lock.lock().unwrap();
+    let (mut run, mut out) = spawn(&["run", "-v", "-w", "60", &name, "--", "echo", "ran"]);
+    let mut admin = admin();
+    common::wait_for_waiters(&mut admin, &LockKey::from_name(&name), 1);
+    drop(guard);
+    assert_eq!(line(&mut out), "ran");
+    assert!(wait_exit(&mut run, LONG).success());
+    let err = child_stderr(&mut run);
+    assert!(err.contains("is busy, held by pid"), "{err}");
+    assert!(err.contains("locked \""), "{err}");
+}
+
+#[test]
+fn the_commands_exit_code_and_signal_death_pass_through() {
+    let name = unique_name!();
+    let out = output(pglock().args(["run", &name, "--", "sh", "-c", "exit 42"]));
+    assert_eq!(out.status.code(), Some(42));
+    let out = output(pglock().args(["run", &name, "-c", "exit 3"]));
+    assert_eq!(out.status.code(), Some(3));
+    let out = output(pglock().args(["run", &name, "-c", "kill -KILL $$"]));
+    assert_eq!(out.status.code(), Some(128 + 9));
+    let out = output(pglock().args(["run", &name, "-c", "kill -TERM $$"]));
+    assert_eq!(out.status.code(), Some(128 + 15));
+    let out = output(pglock().args(["run", &name, "--", "/nonexistent/command"]));
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot run /nonexistent/command"));
+    // Options after the name, and the environment.
+    let out = output(pglock().args([
+        "run",
+        &name,
+        "-w",
+        "10",
+        "--",
+        "sh",
+        "-c",
+        "echo $PGLOCK_NAME $PGLOCK_KEY $PGLOCK_HELD",
+    ]));
+    let key = LockKey::from_name(&name).as_i64().unwrap();
+    assert_eq!(stdout(&out), format!("{name} {key} 1\n"));
+}
+
+#[test]
+fn stdin_and_stdout_pass_through() {
+    let name = unique_name!();
+    let mut run = pglock()
+        .args(["run", &name, "--", "tr", "a-z", "A-Z"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    run.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "HELLO\n");
+}
+
+#[test]
+fn sigterm_to_pglock_reaches_the_command() {
+    let name = unique_name!();
+    for (sig, num) in [("TERM", 15), ("INT", 2), ("HUP", 1), ("USR1", 10)] {
+        let script = format!(
+            "trap 'echo got {sig}; exit {num}' {sig}; echo ready; while :; do sleep 0.01; done"
+        );
+        let (mut run, mut out) = spawn(&["run", &name, "-c", &script]);
+        assert_eq!(line(&mut out), "ready");
+        signal(run.id(), sig);
+        assert_eq!(line(&mut out), format!("got {sig}"));
+        let status = wait_exit(&mut run, LONG);
+        assert_eq!(status.code(), Some(num), "the command's own exit code");
+    }
+}
+
+#[test]
+fn a_signal_while_waiting_ends_pglock_and_its_wait() {
+    let name = unique_name!();
+    let (pool, _) = hold();
+    let mut lock = SessionLock::new(&pool, name.as_str()).unwrap();
+    let _guard = lock.lock().unwrap();
+    let (mut run, _out) = spawn(&["run", &name, "--", "echo", "ran"]);
+    let mut admin = admin();
+    let key = LockKey::from_name(&name);
+    common::wait_for_waiters(&mut admin, &key, 1);
+    signal(run.id(), "TERM");
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(128 + 15));
+    // The wait was cancelled on the server, not left behind.
+    wait_until("the wait is gone", Duration::from_secs(5), || {
+        common::waiters(&mut admin, &key) == 0
+    });
+
+    // Killed while waiting, pglock cannot cancel: the server finds its connection gone
+    // within client_connection_check_interval (1 s, PostgreSQL 14 and later).
+    let (mut run, _out) = spawn(&["run", &name, "--", "echo", "ran"]);
+    common::wait_for_waiters(&mut admin, &key, 1);
+    signal(run.id(), "KILL");
+    wait_exit(&mut run, LONG);
+    let start = Instant::now();
+    wait_until("the orphan wait is gone", LONG, || {
+        common::waiters(&mut admin, &key) == 0
+    });
+    eprintln!(
+        "orphan wait gone {:?} after pglock's SIGKILL",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn pglock_killed_with_sigkill_takes_its_command_along() {
+    let name = unique_name!();
+    let (mut run, mut out) = spawn(&["run", &name, "-c", "echo $$; exec sleep 1000"]);
+    let pid: u32 = line(&mut out).parse().unwrap();
+    assert!(!gone(pid));
+    signal(run.id(), "KILL");
+    wait_exit(&mut run, LONG);
+    let start = Instant::now();
+    wait_until("the command is gone", LONG, || gone(pid));
+    eprintln!("command gone {:?} after pglock's SIGKILL", start.elapsed());
+    // And the lock is free.
+    let out = output(pglock().args(["run", "-w", "10", &name, "--", "true"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_terminated_session_terminates_the_command_with_the_lock_lost_code() {
+    let name = unique_name!();
+    let script = "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.01; done";
+    let (mut run, mut out) = spawn(&["run", &name, "-c", script]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    let backend = backend_of(&mut admin, run.id());
+    let start = Instant::now();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&backend])
+        .unwrap();
+    assert_eq!(line(&mut out), "got TERM");
+    let latency = start.elapsed();
+    let status = wait_exit(&mut run, LONG);
+    eprintln!("pg_terminate_backend to the command's SIGTERM trap: {latency:?}");
+    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    assert_eq!(status.code(), Some(75));
+    let err = child_stderr(&mut run);
+    assert!(err.contains("lost the lock"), "{err}");
+    assert!(err.contains("57P01"), "{err}");
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let name = unique_name!();
+    let (mut run, mut out) = spawn(&[
+        "run",
+        "--grace",
+        "0.5",
+        &name,
+        "-c",
+        "trap '' TERM; echo ready; exec sleep 1000",
+    ]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    let backend = backend_of(&mut admin, run.id());
+    let start = Instant::now();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&backend])
+        .unwrap();
+    let status = wait_exit(&mut run, LONG);
+    let took = start.elapsed();
+    assert_eq!(status.code(), Some(75));
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    let err = child_stderr(&mut run);
+    assert!(err.contains("killed by SIGKILL"), "{err}");
+}
+
+#[test]
+fn bad_input_is_a_usage_error_or_unavailable() {
+    let usage = |args: &[&str]| {
+        let out = output(pglock().args(args));
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        stderr(&out)
+    };
+    let err = usage(&["run", "x"]);
+    assert!(err.contains("Usage: pglock run"), "{err}");
+    let err = usage(&["run", "x", "--bogus", "--", "true"]);
+    assert!(err.contains("--bogus"), "{err}");
+    // Without `--`, nothing runs: a typo in an option is never taken for the command.
+    usage(&["run", "x", "true"]);
+    usage(&["run"]);
+    usage(&[]);
+    usage(&["frobnicate"]);
+    usage(&["run", "-w", "-1", "x", "--", "true"]);
+    usage(&["run", "-w", "soon", "x", "--", "true"]);
+    usage(&["run", "-E", "300", "x", "--", "true"]);
+    usage(&["run", "-n", "-w", "1", "x", "--", "true"]);
+    usage(&["run", "-s", "-x", "x", "--", "true"]);
+    usage(&["run", "x", "-c", "true", "--", "true"]);
+    let err = usage(&["run", "", "--", "true"]);
+    assert!(err.contains("the lock name is empty"), "{err}");
+    usage(&["key", ""]);
+
+    // A name that is not UTF-8.
+    use std::os::unix::ffi::OsStrExt;
+    let out = output(
+        pglock()
+            .arg("run")
+            .arg(std::ffi::OsStr::from_bytes(b"\xff\xfe"))
+            .args(["--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+
+    // A connection string that does not parse: its password is not shown.
+    let out = output(pglock().args([
+        "--dsn",
+        "host=localhost port=nope password=hunter2",
+        "run",
+        "x",
+        "--",
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(err.contains("invalid value for option `port`"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("password=***"), "{err}");
+
+    // A server that is not there: unavailable, password not shown.
+    for dsn in [
+        "postgres://someone:hunter2@127.0.0.1:1/db",
+        "host=127.0.0.1 port=1 user=someone password=hunter2",
+    ] {
+        let out = output(pglock().args(["--dsn", dsn, "run", "x", "--", "true"]));
+        assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("cannot connect to host=127.0.0.1 port=1"),
+            "{err}"
+        );
+        assert!(err.contains("Connection refused"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let out = output(pglock().args(["--dsn", dsn, "status"]));
+        assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    }
+    // A wrong password is "unavailable" too.
+    let mut url = common::config();
+    url.password("certainly-wrong").user("no_such_role_pglock");
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=no_such_role_pglock password=certainly-wrong dbname=postgres",
+        url.get_ports().first().copied().unwrap_or(5432)
+    );
+    let out = output(pglock().args(["--dsn", &dsn, "run", "x", "--", "true"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("certainly-wrong"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_pg_variables_are_used_without_a_dsn() {
+    let config = common::config();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("DATABASE_URL")
+        .env("PGHOST", &host)
+        .env("PGPORT", &port)
+        .env("PGUSER", config.get_user().unwrap_or("postgres"))
+        .env("PGDATABASE", config.get_dbname().unwrap_or("postgres"));
+    if let Some(pw) = config.get_password() {
+        cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).into_owned());
+    }
+    let out = output(cmd.args(["run", &unique_name!(), "--", "echo", "ok"]));
+    assert_eq!(stdout(&out), "ok\n", "{}", stderr(&out));
+}
+
+#[test]
+fn hostile_names_are_just_names() {
+    let mut admin = admin();
+    let names = [
+        "it's; DROP TABLE x; --".to_owned(),
+        "back\\slash 'and' \"quotes\"".to_owned(),
+        "new\nline\ttab".to_owned(),
+        "émoji 🔒 名前".to_owned(),
+        format!("long-{}", "é".repeat(5000)),
+    ];
+    for name in &names {
+        // The key is the server's own hash of the name.
+        let out = output(pglock().args(["key", name]));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let field = |f: &str| -> String {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{f}: ")))
+                .unwrap_or_else(|| panic!("no {f} in {text}"))
+                .to_owned()
+        };
+        let server: i64 = admin
+            .query_one("SELECT hashtextextended($1, 0)", &[name])
+            .unwrap()
+            .get(0);
+        assert_eq!(field("key"), server.to_string());
+        let key = LockKey::new(server);
+        assert_eq!(
+            field("pg_locks"),
+            format!(
+                "locktype=advisory classid={} objid={} objsubid=1",
+                key.classid(),
+                key.objid()
+            )
+        );
+        // The printed SQL takes exactly that lock.
+        admin.batch_execute(&field("sql")).unwrap();
+        assert_eq!(common::holders(&mut admin, &key), 1, "{name:?}");
+        // ... so that pglock run finds it busy, and runs once it is free.
+        let out = output(pglock().args(["run", "-n", name, "--", "true"]));
+        assert_eq!(out.status.code(), Some(1), "{name:?}: {}", stderr(&out));
+        admin
+            .execute("SELECT pg_advisory_unlock($1)", &[&server])
+            .unwrap();
+        admin.batch_execute(&field("sql-by-key")).unwrap();
+        assert_eq!(common::holders(&mut admin, &key), 1, "{name:?}");
+        admin
+            .execute("SELECT pg_advisory_unlock($1)", &[&server])
+            .unwrap();
+        let out = output(pglock().args(["run", name, "-c", "printf %s \"$PGLOCK_NAME\""]));
+        assert!(out.status.success(), "{name:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), *name);
+    }
+}
+
+#[test]
+fn the_holder_names_itself_in_application_name() {
+    let name = format!("{}/{}", unique_name!(), "x".repeat(100));
+    let (mut run, mut out) = spawn(&["run", &name, "-c", "echo ready; exec sleep 1000"]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    let app: String = admin
+        .query_one(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE $1",
+            &[&format!("pglock run pglock-cli-test/%:{}", run.id())],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(app.len(), 63, "{app}");
+    assert!(
+        app.ends_with(&format!("... {}:{}", hostname(), run.id())),
+        "{app}"
+    );
+    signal(run.id(), "TERM");
+    wait_exit(&mut run, LONG);
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn key_prints_the_key_its_coordinates_and_the_sql() {
+    let out = output(pglock().args(["key", "nightly-report"]));
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out),
+        "name: \"nightly-report\"\n\
+         key: -1761082894366742330\n\
+         pg_locks: locktype=advisory classid=3884933232 objid=759228614 objsubid=1\n\
+         sql: SELECT pg_advisory_lock(hashtextextended('nightly-report', 0));\n\
+         sql-by-key: SELECT pg_advisory_lock(-1761082894366742330);\n"
+    );
+}
+
+#[test]
+fn status_shows_holders_and_waiters_as_text_and_json() {
+    let name = unique_name!();
+    let key = LockKey::from_name(&name);
+    let (mut holder, mut out) = spawn(&["run", &name, "-c", "echo ready; exec sleep 1000"]);
+    assert_eq!(line(&mut out), "ready");
+    let (mut waiter, _waiter_out) = spawn(&["run", "-s", &name, "--", "true"]);
+    let mut admin = admin();
+    common::wait_for_waiters(&mut admin, &key, 1);
+    let holder_backend = backend_of(&mut admin, holder.id());
+    let waiter_backend = backend_of(&mut admin, waiter.id());
+
+    let out = output(pglock().args(["status", &name, "--json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let locks = json["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 1, "{json}");
+    let lock = &locks[0];
+    assert_eq!(lock["name"], name.as_str());
+    assert_eq!(lock["key"], key.as_i64().unwrap());
+    assert_eq!(lock["classid"], key.classid());
+    assert_eq!(lock["objid"], key.objid());
+    assert_eq!(lock["objsubid"], 1);
+    let holders = lock["holders"].as_array().unwrap();
+    assert_eq!(holders.len(), 1, "{json}");
+    assert_eq!(holders[0]["pid"], holder_backend);
+    assert_eq!(holders[0]["granted"], true);
+    assert_eq!(holders[0]["mode"], "exclusive");
+    let app = holders[0]["application_name"].as_str().unwrap();
+    assert!(app.starts_with("pglock run pglock-cli-test/"), "{app}");
+    assert!(
+        app.ends_with(&format!(" {}:{}", hostname(), holder.id())),
+        "{app}"
+    );
+    assert!(
+        holders[0]["since"].as_str().unwrap().ends_with('Z'),
+        "{json}"
+    );
+    assert!(holders[0]["seconds"].as_f64().unwrap() >= 0.0, "{json}");
+    let waiters = lock["waiters"].as_array().unwrap();
+    assert_eq!(waiters.len(), 1, "{json}");
+    assert_eq!(waiters[0]["pid"], waiter_backend);
+    assert_eq!(waiters[0]["granted"], false);
+    assert_eq!(waiters[0]["mode"], "shared");
+    assert!(waiters[0]["since"].is_string(), "{json}");
+
+    let out = output(pglock().args(["status", &name]));
+    let text = stdout(&out);
+    assert!(text.starts_with(&format!("lock {key}\n")), "{text}");
+    assert!(
+        text.contains(&format!("  held by pid {holder_backend} (exclusive)")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("  awaited by pid {waiter_backend} (shared)")),
+        "{text}"
+    );
+
+    // Every advisory lock of the database: ours is among them, without a name.
+    let out = output(pglock().args(["status", "--json"]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = json["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == key.as_i64().unwrap())
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(ours["name"], serde_json::Value::Null);
+    assert_eq!(ours["holders"][0]["pid"], holder_backend);
+
+    signal(holder.id(), "TERM");
+    wait_exit(&mut holder, LONG);
+    assert!(wait_exit(&mut waiter, LONG).success());
+
+    // A free lock shows as free.
+    let out = output(pglock().args(["status", &name, "--json"]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["locks"][0]["holders"], serde_json::json!([]));
+    assert_eq!(json["locks"][0]["waiters"], serde_json::json!([]));
+    let out = output(pglock().args(["status", &name]));
+    assert!(
+        stdout(&out).contains("free: no holder, no waiter"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// The command is started through `/proc/self/exe`, which still names pglock's binary
+/// after it was deleted (an upgrade during a long wait), where `current_exe()` would
+/// name a path that is gone.
+#[test]
+fn the_command_starts_even_after_pglocks_binary_was_deleted() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let copy = dir.join("pglock-copy");
+    std::fs::copy(BIN, &copy).unwrap();
+    let (pool, _) = hold();
+    let mut lock = SessionLock::new(&pool, name.as_str()).unwrap();
+    let guard = lock.lock().unwrap();
+    let mut run = Command::new(&copy)
+        .env("DATABASE_URL", common::database_url())
+        .args(["run", &name, "--", "echo", "ran"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut admin = admin();
+    common::wait_for_waiters(&mut admin, &LockKey::from_name(&name), 1);
+    std::fs::remove_file(&copy).unwrap();
+    assert!(!Path::new(&copy).exists());
+    drop(guard);
+    let status = wait_exit(&mut run, LONG);
+    let mut out = String::new();
+    run.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(status.success(), "{}", child_stderr(&mut run));
+    assert_eq!(out, "ran\n");
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let out = output(pglock().args(["run", "--help"]));
+    assert!(out.status.success());
+    let help = stdout(&out);
+    for needle in [
+        "128+N",
+        "75 ",
+        "64 ",
+        "69 ",
+        "70 ",
+        "-E/--conflict-exit-code",
+        "Transaction-scoped locks",
+    ] {
+        assert!(help.contains(needle), "{needle:?} not in\n{help}");
+    }
+}
+
+/// The set of signals `pid` ignores, or catches, from `/proc/PID/status` (bit N-1 for N).
+fn sig_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap();
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+#[test]
+fn signals_ignored_at_start_stay_ignored_in_pglock_and_the_command() {
+    let name = unique_name!();
+    let hup = 1u64 << (1 - 1);
+    let term = 1u64 << (15 - 1);
+    let mut run = Command::new("nohup")
+        .arg(BIN)
+        .args(["run", &name, "-c", "echo $$; exec sleep 1000"])
+        .env("DATABASE_URL", common::database_url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let child: u32 = line(&mut out).parse().unwrap();
+    // nohup execs pglock: same pid.
+    assert_ne!(
+        sig_mask(run.id(), "SigIgn") & hup,
+        0,
+        "pglock ignores SIGHUP"
+    );
+    assert_eq!(
+        sig_mask(run.id(), "SigCgt") & hup,
+        0,
+        "pglock does not catch SIGHUP"
+    );
+    assert_ne!(
+        sig_mask(run.id(), "SigCgt") & term,
+        0,
+        "pglock catches SIGTERM"
+    );
+    assert_ne!(
+        sig_mask(child, "SigIgn") & hup,
+        0,
+        "the command ignores SIGHUP"
+    );
+    signal(run.id(), "TERM");
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(128 + 15));
+}
