@@ -175,6 +175,7 @@ mod cancel;
 mod error;
 pub mod inspect;
 mod key;
+mod leader;
 mod lease;
 mod locker;
 mod options;
@@ -187,6 +188,7 @@ pub use crate::advisory::{
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};
 pub use crate::key::LockKey;
+pub use crate::leader::{Leader, Leadership};
 pub use crate::lease::{
     LeaseGuard, LeaseHolder, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable,
     LeaseWatch, OwnedLeaseGuard,
