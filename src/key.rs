@@ -64,6 +64,8 @@ pub struct LockKey {
     /// For a lease: its table, as written in SQL. The key then names a row, not an
     /// advisory lock, and says so when displayed.
     lease_table: Option<Arc<str>>,
+    /// The namespace of [`LockKey::from_name_in`].
+    namespace: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -79,6 +81,7 @@ impl LockKey {
             id: KeyId::Single(key),
             name: None,
             lease_table: None,
+            namespace: None,
         }
     }
 
@@ -88,6 +91,7 @@ impl LockKey {
             id: KeyId::Pair(key1, key2),
             name: None,
             lease_table: None,
+            namespace: None,
         }
     }
 
@@ -102,7 +106,51 @@ impl LockKey {
             id: KeyId::Single(hash_text(name.as_bytes())),
             name: Some(Arc::from(name)),
             lease_table: None,
+            namespace: None,
         }
+    }
+
+    /// A key for `name` within an application `namespace` (a schema, a tenant, a
+    /// migration table...), so that two applications on one database that use the same
+    /// names do not take each other's locks: `hashtextextended(name, seed)` with the
+    /// namespace's own hash as the seed, in the same 64-bit key space as
+    /// [`from_name`](LockKey::from_name). Other programs take the same lock with
+    ///
+    /// ```sql
+    /// SELECT pg_advisory_lock(hashtextextended('migrations', hashtextextended('tenant-42', 0)));
+    /// ```
+    ///
+    /// A namespaced key can still equal another key by chance (a 64-bit hash), as any
+    /// two names can; and keys made with [`new`](LockKey::new) or
+    /// [`pair`](LockKey::pair) by hand share the spaces too. For leases, use a
+    /// [`LeaseTable`](crate::LeaseTable) per namespace instead.
+    ///
+    /// As with [`from_name`](LockKey::from_name), neither may contain a NUL character.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use pglock::LockKey;
+    ///
+    /// let a = LockKey::from_name_in("tenant-1", "migrations");
+    /// let b = LockKey::from_name_in("tenant-2", "migrations");
+    /// assert_ne!(a, b);
+    /// assert_ne!(a, LockKey::from_name("migrations"));
+    /// assert_eq!(a.namespace(), Some("tenant-1"));
+    /// ```
+    pub fn from_name_in(namespace: &str, name: &str) -> Self {
+        let seed = hash_text(namespace.as_bytes()) as u64;
+        LockKey {
+            id: KeyId::Single(hash_bytes_extended(name.as_bytes(), seed) as i64),
+            name: Some(Arc::from(name)),
+            lease_table: None,
+            namespace: Some(Arc::from(namespace)),
+        }
+    }
+
+    /// The namespace of a key made with [`from_name_in`](LockKey::from_name_in).
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
     }
 
     /// The 64-bit key, or `None` for a pair.
@@ -194,7 +242,10 @@ impl fmt::Display for LockKey {
             _ => {}
         }
         match (&self.name, self.id) {
-            (Some(name), KeyId::Single(key)) => write!(f, "{name:?} (key {key}, ")?,
+            (Some(name), KeyId::Single(key)) => match &self.namespace {
+                Some(ns) => write!(f, "{name:?} in namespace {ns:?} (key {key}, ")?,
+                None => write!(f, "{name:?} (key {key}, ")?,
+            },
             (None, KeyId::Single(key)) => write!(f, "{key} (")?,
             (_, KeyId::Pair(a, b)) => write!(f, "({a}, {b}) (")?,
         }
@@ -217,6 +268,9 @@ impl fmt::Debug for LockKey {
         };
         if let Some(name) = &self.name {
             s.field("name", name);
+        }
+        if let Some(ns) = &self.namespace {
+            s.field("namespace", ns);
         }
         s.finish()
     }

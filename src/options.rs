@@ -146,7 +146,7 @@ impl LockOptions {
     /// Checks every value against what PostgreSQL accepts.
     pub(crate) fn validate(&self, key: &LockKey) -> Result<()> {
         if let Some(name) = key.name() {
-            if name.contains('\0') {
+            if name.contains('\0') || key.namespace().is_some_and(|ns| ns.contains('\0')) {
                 return Err(invalid(
                     key,
                     "a lock name cannot contain a NUL character (PostgreSQL text cannot)",

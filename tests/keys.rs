@@ -102,3 +102,51 @@ fn a_single_key_and_a_pair_are_different_locks() {
     let _a = single.try_lock().unwrap().expect("free");
     assert!(pair.try_lock().unwrap().is_some(), "(0, 7) is not 7");
 }
+
+#[test]
+fn namespaced_keys_match_the_documented_sql_and_exclude_only_their_namespace() {
+    let mut admin = common::admin();
+    for (ns, name) in [
+        ("tenant-1", "migrations"),
+        ("tenant-2", "migrations"),
+        ("", "migrations"),
+        ("schema.öäü", "a 'quoted' name"),
+        ("ns", ""),
+    ] {
+        let key = pglock::LockKey::from_name_in(ns, name);
+        let server: i64 = admin
+            .query_one(
+                "SELECT hashtextextended($2, hashtextextended($1, 0))",
+                &[&ns, &name],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(key.as_i64(), Some(server), "{ns:?}/{name:?}");
+    }
+    // The SQL from the docs takes the same lock; another namespace is a different lock.
+    let pool = common::pool(2);
+    let ns = format!("{}/{}", function_name!(), std::process::id());
+    let mut lock =
+        pglock::SessionLock::new(&pool, pglock::LockKey::from_name_in(&ns, "jobs")).unwrap();
+    let mut other =
+        pglock::SessionLock::new(&pool, pglock::LockKey::from_name_in("elsewhere", "jobs"))
+            .unwrap();
+    admin
+        .query(
+            "SELECT pg_advisory_lock(hashtextextended('jobs', hashtextextended($1, 0)))",
+            &[&ns],
+        )
+        .unwrap();
+    assert!(
+        lock.try_lock().unwrap().is_none(),
+        "the documented SQL took another lock"
+    );
+    assert!(other.try_lock().unwrap().is_some(), "namespaces collided");
+    admin
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .unwrap();
+    assert!(matches!(
+        pglock::SessionLock::new(&pool, pglock::LockKey::from_name_in("a\0b", "x")),
+        Err(pglock::Error::InvalidArgument { .. })
+    ));
+}
