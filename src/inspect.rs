@@ -137,6 +137,62 @@ pub fn holders<C: GenericClient>(
         .collect())
 }
 
+/// Force-releases a stuck advisory lock: terminates every other session that holds `key`
+/// (`pg_terminate_backend`), and returns the pids it terminated. The server frees a
+/// terminated session's locks at once, and the next waiter gets the lock.
+///
+/// Use it as a last resort, for a holder that is gone but whose session is not (a hung
+/// process, a network partition the server has not noticed yet), and know what it does:
+///
+/// - The holder's session ends mid-work: its open transaction rolls back, but what a
+///   session-lock critical section already committed stays, half done. The holder, if
+///   still alive, learns it at its next statement ([`Error::LockLost`](crate::Error::LockLost)
+///   at unlock); until then it may believe it holds the lock.
+/// - Behind a transaction-mode pooler the server session may be another client's at that
+///   moment: that client's transaction is killed instead.
+/// - Terminating needs superuser, membership in the holder's role, or
+///   `pg_signal_backend` (never for a superuser's session); the server refuses with
+///   SQLSTATE 42501 otherwise. Waiters are not touched.
+///
+/// # Errors
+///
+/// The [`postgres::Error`] of the statement (no privilege, a broken connection).
+///
+/// # Examples
+///
+/// ```no_run
+/// use pglock::{inspect, LockKey};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let mut client: pglock::postgres::Client = todo!();
+/// let key = LockKey::from_name("nightly-report");
+/// let ended = inspect::terminate_holders(&mut client, &key)?;
+/// eprintln!("terminated backends {ended:?} holding {key}");
+/// # Ok(())
+/// # }
+/// ```
+pub fn terminate_holders<C: GenericClient>(
+    client: &mut C,
+    key: &LockKey,
+) -> Result<Vec<i32>, postgres::Error> {
+    let rows = client.query(terminate_sql(key).as_str(), &[])?;
+    rows.iter().map(|row| row.try_get(0)).collect()
+}
+
+/// The statement of [`terminate_holders`]: integers only in its text.
+fn terminate_sql(key: &LockKey) -> String {
+    // DISTINCT keeps the subquery apart, so the termination only ever sees its rows.
+    format!(
+        "SELECT pid FROM (SELECT DISTINCT pid FROM pg_catalog.pg_locks \
+         WHERE locktype = 'advisory' AND granted \
+         AND classid = {} AND objid = {} AND objsubid = {} \
+         AND pid <> pg_catalog.pg_backend_pid()) h \
+         WHERE pg_catalog.pg_terminate_backend(pid)",
+        key.classid(),
+        key.objid(),
+        key.objsubid()
+    )
+}
+
 /// The key at these `pg_locks` coordinates.
 fn key_at(classid: i64, objid: i64, objsubid: i32) -> LockKey {
     let (hi, lo) = (classid as u32, objid as u32);
@@ -180,6 +236,14 @@ ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, since NULLS LAST, l.pid
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn termination_is_confined_to_the_keys_holders() {
+        let sql = terminate_sql(&LockKey::pair(1, -1));
+        assert!(sql.contains("classid = 1 AND objid = 4294967295 AND objsubid = 2"));
+        assert!(sql.contains("SELECT DISTINCT pid"));
+        assert!(sql.ends_with("WHERE pg_catalog.pg_terminate_backend(pid)"));
+    }
 
     #[test]
     fn the_statement_filters_on_the_keys_coordinates() {
