@@ -33,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let leader = Leader::advisory(&pool, key)?;
                 leader.run(Duration::from_millis(200), &stop, |leadership| {
                     leadership.check()?; // long jobs check between steps
+                                         // (A leader killed mid-job is not interrupted; this job is too short
+                                         // to overlap the next leader's, so two at once would be a bug.)
                     assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two leaders");
                     runs.fetch_add(1, Ordering::SeqCst);
                     println!(
@@ -63,6 +65,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for replica in replicas {
         replica.join().expect("a replica panicked")?;
     }
-    println!("{} runs, never two at once.", runs.load(Ordering::SeqCst));
+    println!("{} runs.", runs.load(Ordering::SeqCst));
     Ok(())
 }

@@ -198,10 +198,12 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     /// runs the job, waits `period` or until leadership is lost, and campaigns again on
     /// a fresh connection after a loss. Steps down when it returns.
     ///
-    /// Leadership can be lost while `job` runs: long jobs should check
-    /// [`Leadership::is_leader`] or [`Leadership::check`] between steps. Between jobs, a
-    /// loss is noticed at once (advisory: when the connection reports it; lease: at the
-    /// holder's deadline).
+    /// A job starts only while this replica is leader, but leadership can be lost while
+    /// it runs, and another replica's job may then start before this one ends: long jobs
+    /// should check [`Leadership::is_leader`] or [`Leadership::check`] between steps
+    /// (and, on a lease, fence their writes with the token). Between jobs, a loss is
+    /// noticed at once (advisory: when the connection reports it; lease: at the holder's
+    /// deadline).
     ///
     /// # Errors
     ///

@@ -162,6 +162,25 @@
 //! [`inspect::holders`] lists the sessions that hold or wait for a key (or for every
 //! advisory lock of the database), from `pg_locks` and `pg_stat_activity`.
 //!
+//! # Metrics
+//!
+//! With the `metrics` cargo feature, pglock reports through the
+//! [`metrics`](https://docs.rs/metrics) facade (install any recorder; the library stays
+//! exporter-agnostic). Every series has the labels `kind` (`session`, `transaction`,
+//! `lease`) and `lock` (the name, or the integer key: keep the set of locks bounded).
+//!
+//! | metric | type | when |
+//! |---|---|---|
+//! | `pglock_acquisitions_total` | counter | a lock was taken |
+//! | `pglock_wait_seconds` | histogram | from the call to the lock, per acquisition |
+//! | `pglock_busy_total` | counter | an attempt found the lock held (a `try_lock` that returned `None`, a bounded wait that ran out) |
+//! | `pglock_timeouts_total` | counter | `lock()` failed with [`Error::Timeout`] |
+//! | `pglock_cancellations_total` | counter | a wait ended with [`Error::Cancelled`] |
+//! | `pglock_losses_total` | counter | a lock was found lost ([`Error::LockLost`]) |
+//! | `pglock_hold_seconds` | histogram | from lock to release, per release |
+//!
+//! `examples/metrics.rs` serves them to Prometheus.
+//!
 //! # Logging
 //!
 //! Through [`log`]: `debug` on lock and unlock with the key and the time waited or held;
@@ -178,6 +197,7 @@ mod key;
 mod leader;
 mod lease;
 mod locker;
+mod metrics;
 mod options;
 mod wait;
 

@@ -168,8 +168,17 @@ impl<S: Scope> Core<S> {
     }
 
     fn cancelled(&self) -> Error {
+        crate::metrics::cancelled(Self::metric_kind(), &self.spec.key);
         Error::Cancelled {
             key: self.spec.key.clone(),
+        }
+    }
+
+    /// The `kind` label of this lock's metrics.
+    pub(crate) fn metric_kind() -> &'static str {
+        match S::KIND {
+            Kind::Session => "session",
+            Kind::Transaction => "transaction",
         }
     }
 
@@ -232,8 +241,10 @@ impl<S: Scope> Core<S> {
                     S::KIND,
                     start.elapsed()
                 );
+                crate::metrics::locked(Self::metric_kind(), &self.spec.key, start.elapsed());
             }
             Outcome::Busy { waited } => {
+                crate::metrics::busy(Self::metric_kind(), &self.spec.key);
                 debug!(
                     "lock {} is held elsewhere; waited {waited:?}",
                     self.spec.key
@@ -906,6 +917,7 @@ impl<S: Scope> Core<S> {
     pub(crate) fn lost(&self, reason: LostReason, source: Option<postgres::Error>) -> Error {
         // (The callers that saw the session end mark it dead themselves: `lost` is also
         // used where only the guard's view changed.)
+        crate::metrics::lost(Self::metric_kind(), &self.spec.key);
         Error::LockLost {
             key: self.spec.key.clone(),
             reason,

@@ -113,6 +113,7 @@ where
         let result = core.finish(conn, *used, success);
         if result.is_ok() {
             debug!("held {} for {held_for:?}", core.key());
+            crate::metrics::released(Core::<S>::metric_kind(), core.key(), held_for);
         }
         result
     }
@@ -353,6 +354,7 @@ where
         let result = self.core.finish(&mut self.conn, self.used, success);
         if result.is_ok() {
             debug!("held {} for {held_for:?}", self.core.key());
+            crate::metrics::released(Core::<S>::metric_kind(), self.core.key(), held_for);
         }
         result
     }

@@ -303,8 +303,10 @@ where
     pub fn lock(&mut self) -> Result<AdvisoryGuard<'_, S, M>> {
         let limit = self.core.default_limit();
         let key = self.core.key().clone();
-        self.acquire(limit)?
-            .map_err(|waited| Error::Timeout { key, waited })
+        self.acquire(limit)?.map_err(|waited| {
+            crate::metrics::timed_out(Core::<S>::metric_kind(), &key);
+            Error::Timeout { key, waited }
+        })
     }
 
     /// Takes the lock, blocking at most `timeout`. A zero `timeout` makes one try.
@@ -414,10 +416,13 @@ where
         let limit = self.core.default_limit();
         match self.acquire_owned(limit)? {
             Ok(guard) => Ok(guard),
-            Err(waited) => Err(Error::Timeout {
-                key: self.core.key().clone(),
-                waited,
-            }),
+            Err(waited) => {
+                crate::metrics::timed_out(Core::<S>::metric_kind(), self.core.key());
+                Err(Error::Timeout {
+                    key: self.core.key().clone(),
+                    waited,
+                })
+            }
         }
     }
 

@@ -86,6 +86,7 @@ impl Spec {
     }
 
     fn lost(&self, source: Option<postgres::Error>) -> Error {
+        crate::metrics::lost("lease", &self.key);
         Error::LockLost {
             key: self.key.clone(),
             reason: LostReason::LeaseExpired,
@@ -141,6 +142,8 @@ struct Hold {
     /// Sticky: once the deadline passed or the server said no, the lease is lost.
     lost: bool,
     failures: u32,
+    /// When the statement that took it was sent.
+    taken: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -462,6 +465,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             next_beat: sent + options.heartbeat_period(),
             lost: false,
             failures: 0,
+            taken: sent,
         });
         if !state.worker_started {
             let shared = Arc::clone(self);
@@ -554,9 +558,16 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                 *self.conn() = None;
             }
         }
+        match &result {
+            Ok(Some(_)) => crate::metrics::locked("lease", &self.spec.key, start.elapsed()),
+            Ok(None) => crate::metrics::busy("lease", &self.spec.key),
+            Err(Error::Cancelled { .. }) => crate::metrics::cancelled("lease", &self.spec.key),
+            Err(_) => {}
+        }
         if let Ok(Some((id, held))) = result {
             *self.busy_with() = None;
             if let Err(cancelled) = self.cancel.check() {
+                crate::metrics::cancelled("lease", &self.spec.key);
                 // Cancelled while the attempt that took it ran: give it back.
                 if let Err(e) = self.unlock(id, held, false) {
                     log::warn!("lease {}: release after a cancel: {e}", self.spec.key);
@@ -740,7 +751,10 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         let was_lost = {
             let mut state = self.status.state();
             let lost = match state.hold.take() {
-                Some(hold) if hold.id == id => hold.lost || Instant::now() >= hold.deadline,
+                Some(hold) if hold.id == id => {
+                    crate::metrics::released("lease", &self.spec.key, hold.taken.elapsed());
+                    hold.lost || Instant::now() >= hold.deadline
+                }
                 other => {
                     state.hold = other;
                     true

@@ -179,9 +179,12 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
     fn take_bounded(&self) -> Result<LeaseGuard<'static, M>> {
         let start = std::time::Instant::now();
         let limit = Limit::bounded_by(self.shared().spec.options.lock_timeout);
-        self.take(limit)?.ok_or_else(|| Error::Timeout {
-            key: self.key().clone(),
-            waited: start.elapsed(),
+        self.take(limit)?.ok_or_else(|| {
+            crate::metrics::timed_out("lease", self.key());
+            Error::Timeout {
+                key: self.key().clone(),
+                waited: start.elapsed(),
+            }
         })
     }
 
