@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
@@ -682,6 +682,8 @@ fn a_paused_holder_is_taken_over_and_learns_it_before_acting_and_its_fence_fails
         .expect("the paused holder's lease never ran out");
     assert!(guard.token() > old);
     stop("-CONT");
+    // Resumed: now it acts (checks first).
+    writeln!(holder.stdin.as_mut().unwrap(), "go").unwrap();
     let report = read_until(&mut lines, "pglock-test: resumed");
     assert_eq!(
         report, "valid=false fence=lost",
@@ -702,15 +704,10 @@ fn child_pauses() {
     let mut lock = LeaseLock::with_options(&pool, &name, options).unwrap();
     let guard = lock.lock().unwrap();
     println!("{HELD} {}", guard.token());
-    // Act in small steps; a step that finds a gap of more than the lease was paused.
-    let mut last = Instant::now();
-    loop {
-        thread::sleep(Duration::from_millis(5));
-        if last.elapsed() > Duration::from_millis(1000) {
-            break;
-        }
-        last = Instant::now();
-    }
+    // Wait for the parent's word, which comes after it stopped this process for longer
+    // than the lease (heartbeat thread and all) and resumed it.
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
     let valid = guard.is_valid();
     let mut conn = pool.get().unwrap();
     let mut tx = conn.transaction().unwrap();
