@@ -922,7 +922,7 @@ fn slots_admit_at_most_n_holders() {
         let mut holders: Vec<(Child, BufReader<ChildStdout>)> = (0..2)
             .map(|_| {
                 let mut child = pglock()
-                    .args(with(&["-c", "echo ready $PGLOCK_SLOT; read x"]))
+                    .args(with(&["-c", "echo ready $PGLOCK_SLOT; read x; exit 0"]))
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()
