@@ -750,6 +750,11 @@ fn help_documents_the_exit_codes() {
         "70 ",
         "-E/--conflict-exit-code",
         "Transaction-scoped locks",
+        "76 ",
+        "PGLOCK_TOKEN",
+        "lease - 2 x heartbeat - lease/10",
+        "--slots",
+        "pglock polls them",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }

@@ -47,7 +47,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a command while holding a session advisory lock (like flock(1), for a fleet)
+    /// Run a command while holding a session advisory lock, a lease (--lease), or one of N
+    /// slots (--slots)
     #[command(
         long_about = "Run a command while holding a session advisory lock, like flock(1) but \
 across every host that reaches the same database.\n\n\
@@ -59,7 +60,7 @@ The lock is a session lock held by pglock's connection for the command's whole r
 Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no sense for a \
 child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
 same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
-pool_mode=transaction): connect directly or in session mode.\n\n\
+pool_mode=transaction): connect directly or in session mode, or use --lease.\n\n\
 Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the command \
 (a terminal's Ctrl-C already reaches both, and is not sent twice); while pglock still waits \
 for the lock they end it with 128+N. The command never outlives pglock, even when pglock is \
@@ -67,7 +68,25 @@ killed with SIGKILL (Linux's parent-death signal). If the lock is lost while the
 runs (an administrator's pg_terminate_backend, a dropped connection), pglock sends the \
 command SIGTERM at once, SIGKILL after --grace, and exits with 75.\n\n\
 The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
-pg_stat_activity and in `pglock status`.",
+pg_stat_activity and in `pglock status`.\n\n\
+--lease SECS holds a lease instead: a row in a table (pglock_leases, or --table \
+schema.table; --create-table creates it if missing), taken for SECS and renewed every \
+--heartbeat (default a third of the lease). Every statement is stateless, so it works \
+through PgBouncer in transaction mode; --notify (LISTEN/NOTIFY wake-ups) is for direct \
+connections only. The child gets PGLOCK_TOKEN, the lease's fencing token, instead of \
+PGLOCK_KEY. pglock trusts the lease until the lease minus a margin after its last \
+successful renewal was sent; at that deadline, or as soon as the server says the lease \
+expired or changed hands, the command gets SIGTERM, SIGKILL after --grace, and pglock exits \
+with 75. The margin is --grace plus a tenth of the lease, so that the whole sequence ends \
+before the lease can expire on the server: --grace must be at most lease - 2 x heartbeat - \
+lease/10 (7/30 of the lease with the default heartbeat), else it is a usage error; its \
+default with --lease is the most that fits, at most 10 s. After a loss pglock sends no \
+release: the lease expires by itself.\n\n\
+--slots N makes a semaphore: at most N holders at once. With --lease, a lease semaphore \
+(a row per slot). Without, N advisory locks on the pair keys (K, 0) .. (K, N-1), K being \
+the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them); the server \
+cannot wait for any one of N locks, so pglock polls them (10 ms up to 1 s apart). The \
+child gets PGLOCK_SLOT.",
         override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
                           pglock run [OPTIONS] NAME -c SHELL_COMMAND",
         group(ArgGroup::new("what").required(true).args(["shell", "command"])),

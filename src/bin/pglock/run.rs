@@ -135,7 +135,8 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
 /// `--grace` without `--lease`.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
-/// A lock held while the command runs.
+/// A lock held while the command runs (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Hold {
     /// A session advisory lock on `key`: the name's, or a slot's (`Some(slot)`).
     Advisory(Guard, LockKey, Option<u32>),
