@@ -1253,6 +1253,7 @@ fn lease_and_slot_options_that_cannot_work_are_usage_errors() {
     usage(&["run", "x", "--heartbeat", "1", "--", "true"]);
     usage(&["run", "x", "--slots", "0", "--", "true"]);
     usage(&["run", "x", "--slots", "2", "-s", "--", "true"]);
+    usage(&["run", "x", "--lease", "3", "-s", "--", "true"]);
     usage(&["lease", "heartbeat", "x"]);
     usage(&["lease", "release", "x", "--token", "soon"]);
     usage(&["lease", "acquire", ""]);

@@ -191,7 +191,7 @@ pub(crate) struct RunArgs {
 
     /// Hold a lease of SECS (fractions allowed), renewed by a heartbeat, instead of a
     /// session advisory lock: works through PgBouncer in transaction mode
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, conflicts_with = "shared")]
     pub(crate) lease: Option<Duration>,
 
     /// With --lease: renew it every SECS [default: a third of the lease]
