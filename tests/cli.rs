@@ -750,6 +750,11 @@ fn help_documents_the_exit_codes() {
         "70 ",
         "-E/--conflict-exit-code",
         "Transaction-scoped locks",
+        "76 ",
+        "PGLOCK_TOKEN",
+        "lease - 2 x heartbeat - lease/10",
+        "--slots",
+        "pglock polls them",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }
@@ -803,4 +808,454 @@ fn signals_ignored_at_start_stay_ignored_in_pglock_and_the_command() {
     );
     signal(run.id(), "TERM");
     assert_eq!(wait_exit(&mut run, LONG).code(), Some(128 + 15));
+}
+
+// --- Leases and semaphores (`run --lease`, `run --slots`, `pglock lease ...`) ---
+
+/// The PgBouncer in transaction mode that `ci/with-postgres` starts in front of the server.
+fn bouncer_url() -> String {
+    std::env::var("PGBOUNCER_URL").unwrap_or_else(|_| {
+        panic!(
+            "PGBOUNCER_URL is not set: these tests need a PgBouncer in pool_mode = \
+             transaction; run them through ci/with-postgres, which starts one"
+        )
+    })
+}
+
+/// The lines of a log of "enter ..." and "exit ..." lines: the most that were inside at
+/// once, after checking that every exit follows its own enter.
+fn max_inside(text: &str) -> usize {
+    let (mut inside, mut max) = (Vec::new(), 0);
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("enter", who)) => {
+                inside.push(who.to_owned());
+                max = max.max(inside.len());
+            }
+            Some(("exit", who)) => {
+                let at = inside.iter().position(|w| w == who);
+                assert!(at.is_some(), "exit without enter:\n{text}");
+                inside.remove(at.unwrap());
+            }
+            _ => panic!("bad line {line:?} in\n{text}"),
+        }
+    }
+    assert!(inside.is_empty(), "{text}");
+    max
+}
+
+/// Four `run --lease` at once, two of them through PgBouncer in transaction mode: never
+/// two commands at once, and each run's PGLOCK_TOKEN is larger than the one before.
+#[test]
+fn lease_runs_never_overlap_also_through_pgbouncer_and_tokens_increase() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let log = dir.join("log");
+    let script = format!(
+        "echo enter $PGLOCK_TOKEN >> {0}; sleep 0.2; echo exit $PGLOCK_TOKEN >> {0}",
+        log.display()
+    );
+    let bouncer = bouncer_url();
+    let runs: Vec<Child> = (0..4)
+        .map(|i| {
+            let mut cmd = pglock();
+            if i % 2 == 1 {
+                cmd.args(["--dsn", &bouncer]);
+            }
+            cmd.args([
+                "run",
+                &name,
+                "--lease",
+                "5",
+                "--create-table",
+                "-w",
+                "60",
+                "-c",
+                &script,
+            ])
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for mut run in runs {
+        assert!(wait_exit(&mut run, LONG).success());
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 8, "{text}");
+    assert_eq!(max_inside(&text), 1, "overlap:\n{text}");
+    let tokens: Vec<i64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("enter "))
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+
+    // The environment: the token, no advisory key.
+    let out = output(pglock().args([
+        "run",
+        &name,
+        "--lease",
+        "5",
+        "-c",
+        "echo $PGLOCK_NAME $PGLOCK_HELD ${PGLOCK_KEY-nokey} ${PGLOCK_SLOT-noslot} $PGLOCK_TOKEN",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        fields[..4],
+        [name.as_str(), "1", "nokey", "noslot"],
+        "{text}"
+    );
+    assert!(fields[4].parse::<i64>().unwrap() > *tokens.last().unwrap());
+}
+
+/// `--slots 2`, with advisory slot keys and with a lease semaphore: two holders at once,
+/// a third finds every slot busy, and a crowd never has three commands at once.
+#[test]
+fn slots_admit_at_most_n_holders() {
+    let base = unique_name!();
+    for mode in [&[][..], &["--lease", "5", "--create-table"][..]] {
+        let name = format!("{base}/{}", mode.len());
+        let with = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec!["run".into(), name.clone(), "--slots".into(), "2".into()];
+            v.extend(mode.iter().map(|s| s.to_string()));
+            v.extend(args.iter().map(|s| s.to_string()));
+            v
+        };
+        // Two holders that wait for their stdin to close.
+        let mut holders: Vec<(Child, BufReader<ChildStdout>)> = (0..2)
+            .map(|_| {
+                let mut child = pglock()
+                    .args(with(&["-c", "echo ready $PGLOCK_SLOT; read x; exit 0"]))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let out = BufReader::new(child.stdout.take().unwrap());
+                (child, out)
+            })
+            .collect();
+        let mut slots: Vec<String> = holders.iter_mut().map(|(_, out)| line(out)).collect();
+        slots.sort();
+        assert_eq!(slots, ["ready 0", "ready 1"], "{mode:?}");
+        let out = output(pglock().args(with(&["-n", "--", "true"])));
+        assert_eq!(out.status.code(), Some(1), "{mode:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("all 2 slots"), "{}", stderr(&out));
+        // One leaves: a waiter gets its slot.
+        let (mut first, _) = holders.remove(0);
+        drop(first.stdin.take());
+        assert!(wait_exit(&mut first, LONG).success());
+        let out = output(pglock().args(with(&["-w", "30", "--", "true"])));
+        assert!(out.status.success(), "{mode:?}: {}", stderr(&out));
+        let (mut second, _) = holders.remove(0);
+        drop(second.stdin.take());
+        assert!(wait_exit(&mut second, LONG).success());
+
+        // A crowd.
+        let log = scratch(&name).join("log");
+        let script = format!(
+            "echo enter $$ >> {0}; sleep 0.2; echo exit $$ >> {0}",
+            log.display()
+        );
+        let runs: Vec<Child> = (0..6)
+            .map(|_| {
+                pglock()
+                    .args(with(&["-w", "60", "-c", &script]))
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut run in runs {
+            assert!(wait_exit(&mut run, LONG).success());
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 12, "{text}");
+        let max = max_inside(&text);
+        eprintln!("{mode:?}: at most {max} commands at once");
+        assert!(max <= 2, "{mode:?}: {max} at once:\n{text}");
+    }
+}
+
+/// `pglock key NAME --slots N` prints the advisory slot keys, and the SQL it prints takes
+/// exactly the lock `run --slots` tries.
+#[test]
+fn key_slots_prints_the_keys_run_slots_takes() {
+    let name = unique_name!();
+    let out = output(pglock().args(["key", &name, "--slots", "2"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut admin = admin();
+    let upper: i32 = admin
+        .query_one("SELECT (hashtextextended($1, 0) >> 32)::int4", &[&name])
+        .unwrap()
+        .get(0);
+    for slot in 0..2 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("slot {slot}: ")))
+            .unwrap_or_else(|| panic!("no slot {slot} in {text}"));
+        assert!(line.contains(&format!("key {upper},{slot} ")), "{line}");
+        assert!(line.contains(&format!("objid={slot} objsubid=2")), "{line}");
+        let sql = line.split_once("sql: ").unwrap().1;
+        admin.batch_execute(sql).unwrap();
+    }
+    let out = output(pglock().args(["run", &name, "--slots", "2", "-n", "--", "true"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    admin
+        .execute("SELECT pg_advisory_unlock($1, 1)", &[&upper])
+        .unwrap();
+    let out = output(pglock().args([
+        "run",
+        &name,
+        "--slots",
+        "2",
+        "-n",
+        "-c",
+        "echo $PGLOCK_SLOT $PGLOCK_KEY",
+    ]));
+    assert_eq!(stdout(&out), format!("1 {upper},1\n"), "{}", stderr(&out));
+}
+
+/// Renewals blocked by a row lock held elsewhere: the command gets SIGTERM at the
+/// holder's deadline and SIGKILL after --grace, and pglock exits with 75, all before the
+/// lease can expire on the server (measured with the server's clock).
+#[test]
+fn a_lease_that_cannot_be_renewed_stops_the_command_before_it_expires_on_the_server() {
+    let name = unique_name!();
+    // A command that notes SIGTERM but goes on: only SIGKILL ends it.
+    let script = "trap 'echo got TERM' TERM; echo ready; while :; do sleep 0.01; done";
+    let (mut run, mut out) = spawn(&[
+        "run",
+        &name,
+        "--lease",
+        "6",
+        "--grace",
+        "1",
+        "--create-table",
+        "-c",
+        script,
+    ]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    let mut tx = admin.transaction().unwrap();
+    // Lock the row: every renewal now waits (at most a heartbeat period) and fails.
+    let expires_at: std::time::SystemTime = tx
+        .query_one(
+            "SELECT expires_at FROM pglock_leases WHERE name = $1 AND slot = 0 FOR UPDATE",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    let locked = Instant::now();
+    let left = |tx: &mut postgres::Transaction<'_>| -> f64 {
+        tx.query_one(
+            "SELECT extract(epoch FROM $1 - clock_timestamp())::float8",
+            &[&expires_at],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(line(&mut out), "got TERM");
+    let at_term = left(&mut tx);
+    let status = wait_exit(&mut run, LONG);
+    let at_exit = left(&mut tx);
+    eprintln!(
+        "SIGTERM {at_term:.3} s and pglock's exit {at_exit:.3} s before the server's expiry \
+         ({:?} after the row lock)",
+        locked.elapsed()
+    );
+    assert_eq!(status.code(), Some(75), "{}", child_stderr(&mut run));
+    assert!(at_term > 1.0, "SIGTERM only {at_term} s before expiry");
+    assert!(at_exit > 0.0, "pglock exited {} s after expiry", -at_exit);
+    // The row was never renewed meanwhile: the expiry measured against is the real one.
+    let now_expires: std::time::SystemTime = tx
+        .query_one(
+            "SELECT expires_at FROM pglock_leases WHERE name = $1 AND slot = 0",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(now_expires, expires_at);
+    tx.rollback().unwrap();
+    let err = child_stderr(&mut run);
+    assert!(err.contains("lost the lease"), "{err}");
+    assert!(err.contains("killed by SIGKILL"), "{err}");
+}
+
+/// The server says the lease is gone (its row was deleted): the command gets SIGTERM at
+/// the next heartbeat, and pglock exits with 75.
+#[test]
+fn a_lease_deleted_on_the_server_stops_the_command() {
+    let name = unique_name!();
+    let script = "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.01; done";
+    let (mut run, mut out) = spawn(&["run", &name, "--lease", "3", "--create-table", "-c", script]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    admin
+        .execute("DELETE FROM pglock_leases WHERE name = $1", &[&name])
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(line(&mut out), "got TERM");
+    let took = start.elapsed();
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(75));
+    eprintln!("SIGTERM {took:?} after the row was deleted (heartbeat every 1 s)");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// `pglock lease acquire` holds a lease past its own exit; `heartbeat` and `release` act
+/// by token; a stale token exits with 76; `get` shows the row. Through PgBouncer too, and
+/// in a table of one's own.
+#[test]
+fn lease_commands_hold_a_lease_across_steps_by_token() {
+    let name = unique_name!();
+    admin()
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS pglock_cli")
+        .unwrap();
+    let table = ["--table", "pglock_cli.leases"];
+    let lease = |dsn: &str, args: &[&str]| -> Output {
+        output(
+            pglock()
+                .args(["--dsn", dsn, "lease"])
+                .args(args)
+                .args(table),
+        )
+    };
+    let direct = common::database_url();
+    let bouncer = bouncer_url();
+    let json = |out: &Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", stderr(out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
+    };
+    let acquired = json(&lease(
+        &bouncer,
+        &[
+            "acquire",
+            &name,
+            "--create-table",
+            "--lease",
+            "30",
+            "--owner",
+            "deploy 42",
+            "--data",
+            "v1.2",
+            "--json",
+        ],
+    ));
+    assert_eq!(acquired["name"], name.as_str());
+    assert_eq!(acquired["expires_in_ms"], 30_000);
+    let token = acquired["token"].as_i64().unwrap();
+    let t = token.to_string();
+
+    // Still held after pglock exited.
+    let out = lease(&direct, &["acquire", &name]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"deploy 42\""), "{}", stderr(&out));
+    let row = json(&lease(&direct, &["get", &name, "--json"]));
+    assert_eq!(row["held"], true);
+    assert_eq!(row["token"], token);
+    assert_eq!(row["owner"], "deploy 42");
+    assert_eq!(row["data"], "v1.2");
+    assert_eq!(row["lease_ms"], 30_000);
+    let left = row["expires_in_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 30_000, "{row}");
+
+    let beat = json(&lease(
+        &bouncer,
+        &["heartbeat", &name, "--token", &t, "--json"],
+    ));
+    assert_eq!(beat["token"], token);
+    assert_eq!(beat["expires_in_ms"], 30_000);
+    let stale = (token - 1).to_string();
+    for step in ["heartbeat", "release"] {
+        let out = lease(&direct, &[step, &name, "--token", &stale]);
+        assert_eq!(out.status.code(), Some(76), "{step}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("does not hold the lease"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let released = json(&lease(
+        &bouncer,
+        &["release", &name, "--token", &t, "--json"],
+    ));
+    assert_eq!(released["released"], true);
+    for step in ["heartbeat", "release"] {
+        let out = lease(&direct, &[step, &name, "--token", &t]);
+        assert_eq!(
+            out.status.code(),
+            Some(76),
+            "{step} after release: {}",
+            stderr(&out)
+        );
+    }
+    let row = json(&lease(&direct, &["get", &name, "--json"]));
+    assert_eq!(row["held"], false);
+    assert_eq!(row["expires_in_ms"], 0);
+    let text = stdout(&lease(&direct, &["get", &name]));
+    assert!(text.contains("free: last held by \"deploy 42\""), "{text}");
+
+    // Taken again: a larger token (plain output: the token alone). Left to expire, its
+    // token goes stale by itself.
+    let out = lease(&direct, &["acquire", &name, "--lease", "0.5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again: i64 = stdout(&out).trim().parse().unwrap();
+    assert!(again > token);
+    wait_until("the lease expires", LONG, || {
+        json(&lease(&direct, &["get", &name, "--json"]))["held"] == false
+    });
+    let out = lease(
+        &direct,
+        &["heartbeat", &name, "--token", &again.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(76), "{}", stderr(&out));
+    // A name never taken.
+    let row = json(&lease(
+        &direct,
+        &["get", &format!("{name}/never"), "--json"],
+    ));
+    assert_eq!(row["held"], false);
+    assert_eq!(row["token"], serde_json::Value::Null);
+}
+
+#[test]
+fn lease_and_slot_options_that_cannot_work_are_usage_errors() {
+    let usage = |args: &[&str]| {
+        let out = output(pglock().args(args));
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        stderr(&out)
+    };
+    // --grace must end before the lease can expire on the server.
+    let err = usage(&["run", "x", "--lease", "3", "--grace", "1", "--", "true"]);
+    assert!(
+        err.contains("--grace 1.000 s does not fit --lease 3.000 s"),
+        "{err}"
+    );
+    assert!(err.contains("at most"), "{err}");
+    usage(&["run", "x", "--lease", "30", "--grace", "7.5", "--", "true"]);
+    usage(&[
+        "run",
+        "x",
+        "--lease",
+        "3",
+        "--heartbeat",
+        "1.5",
+        "--",
+        "true",
+    ]);
+    usage(&["run", "x", "--lease", "0", "--", "true"]);
+    usage(&[
+        "run", "x", "--lease", "3", "--table", "bad-name", "--", "true",
+    ]);
+    usage(&["run", "x", "--table", "t", "--", "true"]);
+    usage(&["run", "x", "--notify", "--", "true"]);
+    usage(&["run", "x", "--heartbeat", "1", "--", "true"]);
+    usage(&["run", "x", "--slots", "0", "--", "true"]);
+    usage(&["run", "x", "--slots", "2", "-s", "--", "true"]);
+    usage(&["run", "x", "--lease", "3", "-s", "--", "true"]);
+    usage(&["lease", "heartbeat", "x"]);
+    usage(&["lease", "release", "x", "--token", "soon"]);
+    usage(&["lease", "acquire", ""]);
+    usage(&["lease", "get", "x", "--table", "a.b.c"]);
 }

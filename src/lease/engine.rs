@@ -621,11 +621,12 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         self.busy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Renews `held`; true if renewed.
-    fn renew(&self, held: Held, timeout: Duration) -> Result<bool> {
+    /// Renews `held`: the lease length it was renewed for, or `None` if the lease expired
+    /// or changed hands. `timeout` bounds the wait for a connection (default: the pool's).
+    pub(crate) fn renew(&self, held: Held, timeout: Option<Duration>) -> Result<Option<Duration>> {
         let spec = &self.spec;
         let rows = self.with_conn(
-            Some(timeout.max(Duration::from_millis(1))),
+            timeout.map(|t| t.max(Duration::from_millis(1))),
             |c| {
                 c.query_typed(
                     &spec.renew_sql,
@@ -638,7 +639,13 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             },
             "renew",
         )?;
-        Ok(!rows.is_empty())
+        match rows.first() {
+            Some(row) => {
+                let lease_us: i64 = row.try_get(0).map_err(spec.db_error("renew"))?;
+                Ok(Some(Duration::from_micros(lease_us.max(0) as u64)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The heartbeat thread: renews the current hold when due, retries a failed renewal
@@ -672,7 +679,9 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             };
             drop(state);
             let sent = Instant::now();
-            let result = self.renew(held, deadline.saturating_duration_since(sent));
+            let result = self
+                .renew(held, Some(deadline.saturating_duration_since(sent)))
+                .map(|renewed| renewed.is_some());
             state = self.status.state();
             let Some(hold) = state.hold.as_mut().filter(|h| h.id == id) else {
                 continue; // released meanwhile
@@ -728,7 +737,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             return Err(self.spec.lost(None));
         }
         let sent = Instant::now();
-        let renewed = self.renew(held, remaining)?;
+        let renewed = self.renew(held, Some(remaining))?.is_some();
         let mut state = self.status.state();
         let Some(hold) = state.hold.as_mut().filter(|h| h.id == id) else {
             return Err(self.spec.lost(None));
@@ -763,6 +772,21 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             self.status.changed.notify_all();
             lost
         };
+        let result = self.release(held, delete);
+        if was_lost {
+            // Lost before the release: that is what the caller must hear, whatever the
+            // release did.
+            return Err(self.spec.lost(None));
+        }
+        if result? == 0 {
+            return Err(self.spec.lost(None));
+        }
+        Ok(())
+    }
+
+    /// Sends the release (or delete) of `held`, retried where that is safe: the number of
+    /// rows released (0 if the lease had expired or changed hands).
+    pub(crate) fn release(&self, held: Held, delete: bool) -> Result<usize> {
         let spec = &self.spec;
         let sql = if delete {
             &spec.delete_sql
@@ -810,15 +834,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             held.slot,
             held.token
         );
-        if was_lost {
-            // Lost before the release: that is what the caller must hear, whatever the
-            // release did.
-            return Err(spec.lost(None));
-        }
-        if result? == 0 {
-            return Err(spec.lost(None));
-        }
-        Ok(())
+        result
     }
 
     /// Checks, inside the caller's transaction, that `held` is still the lease's holder,

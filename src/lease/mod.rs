@@ -330,6 +330,73 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
         self.shared().busy_with().clone()
     }
 
+    /// Renews the lease held with `token`, without a guard: for a lease taken by another
+    /// process (a guard that was leaked, or `pglock lease acquire`) whose holder kept only
+    /// its fencing token. One statement, the one a guard's heartbeat sends; this function
+    /// blocks only for it.
+    ///
+    /// Returns the lease length it was renewed for (the length stored in the row when it
+    /// was taken), or `None` if the token does not hold the lease any more: it expired,
+    /// was released, or was taken over. An expired lease is never renewed. It touches no
+    /// guard of this lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pool`] or [`Error::Database`] if the statement could not be sent or
+    /// failed (for example, it waited longer than the heartbeat period behind another
+    /// session's lock on the row). The lease is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: r2d2::Pool<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>> = todo!();
+    /// # let token: i64 = 42;
+    /// let lock = pglock::LeaseLock::new(&pool, "deploy")?;
+    /// match lock.renew_token(token)? {
+    ///     Some(lease) => println!("renewed for {lease:?}"),
+    ///     None => println!("token {token} no longer holds the lease"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn renew_token(&self, token: i64) -> Result<Option<Duration>> {
+        self.shared().renew(engine::Held { slot: 0, token }, None)
+    }
+
+    /// Releases the lease held with `token`, without a guard (see
+    /// [`renew_token`](LeaseLock::renew_token)): the statement a guard's
+    /// [`unlock`](LeaseGuard::unlock) sends, keeping the row and its payload. This
+    /// function blocks only for that statement.
+    ///
+    /// Returns true if released, false if the token did not hold the lease any more (it
+    /// expired, was released, or was taken over).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pool`] or [`Error::Database`] if the release could not be sent or failed;
+    /// the lease then runs out by itself.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: r2d2::Pool<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>> = todo!();
+    /// # let token: i64 = 42;
+    /// let lock = pglock::LeaseLock::new(&pool, "deploy")?;
+    /// if !lock.unlock_token(token)? {
+    ///     eprintln!("the lease had already expired or changed hands");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn unlock_token(&self, token: i64) -> Result<bool> {
+        Ok(self
+            .shared()
+            .release(engine::Held { slot: 0, token }, false)?
+            > 0)
+    }
+
     /// A handle that cancels this lock's waits from another thread.
     pub fn cancel_handle(&self) -> CancelHandle {
         self.shared().cancel.handle()

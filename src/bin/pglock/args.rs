@@ -10,11 +10,14 @@ Exit codes:
   N        pglock run: the command's own exit code, verbatim
   128+N    pglock run: the command died of signal N (130 for SIGINT, 143 for SIGTERM),
            or pglock got signal N while still waiting for the lock
-  1        pglock run: the lock was busy (-n) or still busy after -w SECS
-           (change it with -E/--conflict-exit-code)
+  1        pglock run, pglock lease acquire: the lock was busy (-n) or still busy after
+           -w SECS (change it with -E/--conflict-exit-code)
   75       pglock run: the lock was lost while the command ran (its session was
-           terminated or its connection dropped); the command got SIGTERM, and
-           SIGKILL after --grace SECS
+           terminated or its connection dropped; with --lease, the lease could not be
+           renewed in time or the server found it expired); the command got SIGTERM,
+           and SIGKILL after --grace SECS
+  76       pglock lease heartbeat|release: the token does not hold the lease any more
+           (it expired, was released, or was taken over)
   126, 127 pglock run: the command could not be executed, or was not found
   64       usage error: bad option, missing command, bad name or connection string
   69       the database is unreachable (connection refused, authentication failed)
@@ -44,7 +47,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a command while holding a session advisory lock (like flock(1), for a fleet)
+    /// Run a command while holding a session advisory lock, a lease (--lease), or one of N
+    /// slots (--slots)
     #[command(
         long_about = "Run a command while holding a session advisory lock, like flock(1) but \
 across every host that reaches the same database.\n\n\
@@ -56,7 +60,7 @@ The lock is a session lock held by pglock's connection for the command's whole r
 Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no sense for a \
 child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
 same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
-pool_mode=transaction): connect directly or in session mode.\n\n\
+pool_mode=transaction): connect directly or in session mode, or use --lease.\n\n\
 Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the command \
 (a terminal's Ctrl-C already reaches both, and is not sent twice); while pglock still waits \
 for the lock they end it with 128+N. The command never outlives pglock, even when pglock is \
@@ -64,7 +68,25 @@ killed with SIGKILL (Linux's parent-death signal). If the lock is lost while the
 runs (an administrator's pg_terminate_backend, a dropped connection), pglock sends the \
 command SIGTERM at once, SIGKILL after --grace, and exits with 75.\n\n\
 The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
-pg_stat_activity and in `pglock status`.",
+pg_stat_activity and in `pglock status`.\n\n\
+--lease SECS holds a lease instead: a row in a table (pglock_leases, or --table \
+schema.table; --create-table creates it if missing), taken for SECS and renewed every \
+--heartbeat (default a third of the lease). Every statement is stateless, so it works \
+through PgBouncer in transaction mode; --notify (LISTEN/NOTIFY wake-ups) is for direct \
+connections only. The child gets PGLOCK_TOKEN, the lease's fencing token, instead of \
+PGLOCK_KEY. pglock trusts the lease until the lease minus a margin after its last \
+successful renewal was sent; at that deadline, or as soon as the server says the lease \
+expired or changed hands, the command gets SIGTERM, SIGKILL after --grace, and pglock exits \
+with 75. The margin is --grace plus a tenth of the lease, so that the whole sequence ends \
+before the lease can expire on the server: --grace must be at most lease - 2 x heartbeat - \
+lease/10 (7/30 of the lease with the default heartbeat), else it is a usage error; its \
+default with --lease is the most that fits, at most 10 s. After a loss pglock sends no \
+release: the lease expires by itself.\n\n\
+--slots N makes a semaphore: at most N holders at once. With --lease, a lease semaphore \
+(a row per slot). Without, N advisory locks on the pair keys (K, 0) .. (K, N-1), K being \
+the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them); the server \
+cannot wait for any one of N locks, so pglock polls them (10 ms up to 1 s apart). The \
+child gets PGLOCK_SLOT.",
         override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
                           pglock run [OPTIONS] NAME -c SHELL_COMMAND",
         group(ArgGroup::new("what").required(true).args(["shell", "command"])),
@@ -73,10 +95,37 @@ pg_stat_activity and in `pglock status`.",
     Run(RunArgs),
 
     /// Print a name's lock key, its pg_locks coordinates, and the SQL that takes it
+    #[command(
+        long_about = "Print a name's lock key, its pg_locks coordinates, and the SQL \
+that takes it. Needs no server.\n\n\
+With --slots N, also the N keys of `pglock run NAME --slots N` (without --lease): slot i is \
+the pair key (K, i), where K is the upper 32 bits of the name's 64-bit key \
+((hashtextextended(NAME, 0) >> 32)::int4), that is pg_advisory_lock(K, i), shown in pg_locks \
+as classid=K objid=i objsubid=2."
+    )]
     Key {
         /// The lock's name
         name: String,
+        /// Also print the keys of the N slots of an advisory semaphore
+        #[arg(long, value_name = "N", value_parser = parse_slots)]
+        slots: Option<u32>,
     },
+
+    /// Hold a lease across separate steps of a pipeline: acquire, heartbeat, release, get
+    #[command(
+        subcommand,
+        long_about = "Hold a lease across separate steps of a pipeline.\n\n\
+`pglock lease acquire NAME` takes the lease and exits WITHOUT releasing it, printing its \
+fencing token (with --json: {\"name\":...,\"token\":...,\"expires_in_ms\":...}). The lease \
+then lives until it expires (--lease SECS after the acquire or the last heartbeat) or is \
+released: renew it with `pglock lease heartbeat NAME --token T` more often than its length, \
+release it with `pglock lease release NAME --token T`. `pglock lease get NAME` shows the \
+row: holder, token, remaining time, payload.\n\n\
+Leases live in a table (default pglock_leases; --table schema.table; --create-table \
+creates it if missing), so these commands work through PgBouncer in transaction mode.",
+        after_help = EXIT_CODES
+    )]
+    Lease(LeaseCommand),
 
     /// Show who holds and who waits for a lock, or for every advisory lock of the database
     #[command(after_help = format!("{CONNECTION}\n\n\
@@ -136,8 +185,36 @@ pub(crate) struct RunArgs {
     pub(crate) poll: bool,
 
     /// After the lock is lost, how long the command has between SIGTERM and SIGKILL
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
-    pub(crate) grace: Duration,
+    /// [default: 10; with --lease, the most that fits, at most 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub(crate) grace: Option<Duration>,
+
+    /// Hold a lease of SECS (fractions allowed), renewed by a heartbeat, instead of a
+    /// session advisory lock: works through PgBouncer in transaction mode
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, conflicts_with = "shared")]
+    pub(crate) lease: Option<Duration>,
+
+    /// With --lease: renew it every SECS [default: a third of the lease]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "lease")]
+    pub(crate) heartbeat: Option<Duration>,
+
+    /// A semaphore: at most N holders at once (a lease semaphore with --lease, else N
+    /// advisory slot keys, polled; see `pglock key --help`)
+    #[arg(long, value_name = "N", value_parser = parse_slots, conflicts_with = "shared")]
+    pub(crate) slots: Option<u32>,
+
+    /// With --lease: the lease table, `table` or `schema.table` [default: pglock_leases]
+    #[arg(long, value_name = "TABLE", requires = "lease")]
+    pub(crate) table: Option<String>,
+
+    /// With --lease: create the lease table (and its sequence) if missing
+    #[arg(long, requires = "lease")]
+    pub(crate) create_table: bool,
+
+    /// With --lease: wake waiters through LISTEN/NOTIFY. Direct connections only, never
+    /// through a transaction-mode pooler
+    #[arg(long, requires = "lease")]
+    pub(crate) notify: bool,
 
     /// Say how long pglock waited, and who held the lock meanwhile
     #[arg(short = 'v', long)]
@@ -154,6 +231,109 @@ pub(crate) struct RunArgs {
     /// The command and its arguments (after `--`)
     #[arg(value_name = "COMMAND", last = true, num_args = 1..)]
     pub(crate) command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LeaseCommand {
+    /// Take the lease and exit without releasing it; print its token
+    Acquire(LeaseAcquireArgs),
+    /// Renew the lease held with --token for its length
+    Heartbeat(LeaseTokenArgs),
+    /// Release the lease held with --token
+    Release(LeaseTokenArgs),
+    /// Show the lease's row: holder, token, remaining time, payload
+    Get(LeaseGetArgs),
+}
+
+/// Where the leases live.
+#[derive(Debug, Args)]
+pub(crate) struct TableArgs {
+    /// The lease table, `table` or `schema.table` [default: pglock_leases]
+    #[arg(long, value_name = "TABLE")]
+    pub(crate) table: Option<String>,
+
+    /// Create the lease table (and its sequence) if missing
+    #[arg(long)]
+    pub(crate) create_table: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LeaseAcquireArgs {
+    /// The lease's name
+    pub(crate) name: String,
+
+    /// The lease's length: it expires SECS after the acquire or the last heartbeat
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    pub(crate) lease: Duration,
+
+    /// Who holds it, stored in the row [default: pglock lease HOST]
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) owner: Option<String>,
+
+    /// A payload stored in the row (as bytes)
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) data: Option<String>,
+
+    /// Wait at most SECS for the lease (fractions allowed) [default: one try]
+    #[arg(short = 'w', long = "wait", value_name = "SECS", value_parser = parse_secs)]
+    pub(crate) wait: Option<Duration>,
+
+    /// Exit code for a lease still busy
+    #[arg(
+        short = 'E',
+        long = "conflict-exit-code",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub(crate) conflict_exit_code: u8,
+
+    /// Print JSON: {"name":...,"token":...,"expires_in_ms":...}
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    #[command(flatten)]
+    pub(crate) table: TableArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LeaseTokenArgs {
+    /// The lease's name
+    pub(crate) name: String,
+
+    /// The fencing token `pglock lease acquire` printed
+    #[arg(long, value_name = "TOKEN", allow_negative_numbers = true)]
+    pub(crate) token: i64,
+
+    /// Print JSON
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    #[command(flatten)]
+    pub(crate) table: TableArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LeaseGetArgs {
+    /// The lease's name
+    pub(crate) name: String,
+
+    /// Print JSON
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    #[command(flatten)]
+    pub(crate) table: TableArgs,
+}
+
+/// A number of slots: 1 up to i32::MAX (slots are PostgreSQL integers).
+fn parse_slots(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=i32::MAX as u32).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "not a number of slots from 1 to {}: {s:?}",
+            i32::MAX
+        )),
+    }
 }
 
 /// Seconds with fractions, within PostgreSQL's lock_timeout range.

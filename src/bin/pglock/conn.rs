@@ -52,8 +52,15 @@ impl Target {
     }
 
     /// Connects once, now, with `application_name` set: the connection the pool hands
-    /// out first. A failure is "unavailable" (69).
-    pub(crate) fn connect(&self, application_name: &str) -> Result<Pool, Fail> {
+    /// out first. A failure is "unavailable" (69). With `session_settings`, it also sets
+    /// `client_connection_check_interval` for the session: never for leases, whose
+    /// connection may go through a transaction-mode pooler that would hand the setting
+    /// on to other clients.
+    pub(crate) fn connect(
+        &self,
+        application_name: &str,
+        session_settings: bool,
+    ) -> Result<Pool, Fail> {
         let mut config = self.config.clone();
         config.application_name(application_name);
         let mut client = config.connect(NoTls).map_err(|e| {
@@ -68,8 +75,10 @@ impl Target {
         // second that pglock is still connected while a statement runs: a pglock killed
         // in the middle of its wait leaves no orphan waiter behind. Elsewhere the
         // setting is refused, and the server notices only when the wait ends.
-        if let Err(e) = client.batch_execute("SET client_connection_check_interval = 1000") {
-            let _ = e; // refused: an older server, or not Linux
+        if session_settings {
+            if let Err(e) = client.batch_execute("SET client_connection_check_interval = 1000") {
+                let _ = e; // refused: an older server, or not Linux
+            }
         }
         let timeout = config
             .get_connect_timeout()

@@ -1,7 +1,9 @@
 //! `pglock`: distributed locks on PostgreSQL advisory locks, from the shell.
 //!
-//! `pglock run NAME -- COMMAND...` runs a command while holding a session advisory lock;
-//! `pglock key NAME` prints the key; `pglock status [NAME]` shows holders and waiters.
+//! `pglock run NAME -- COMMAND...` runs a command while holding a session advisory lock
+//! (or a lease, `--lease`, or one of N slots, `--slots`); `pglock key NAME` prints the key;
+//! `pglock status [NAME]` shows holders and waiters; `pglock lease acquire|heartbeat|
+//! release|get NAME` holds a lease across separate steps of a pipeline.
 //! Built only with the `cli` feature. Linux only (the child's parent-death signal).
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms)]
@@ -9,6 +11,7 @@
 mod args;
 mod conn;
 mod exec;
+mod lease;
 mod run;
 mod show;
 
@@ -27,6 +30,8 @@ pub(crate) const EX_UNAVAILABLE: u8 = 69;
 pub(crate) const EX_SOFTWARE: u8 = 70;
 /// The lock was lost while the command ran; the command was terminated.
 pub(crate) const EX_LOCK_LOST: u8 = 75;
+/// `pglock lease heartbeat|release`: the token does not hold the lease any more.
+pub(crate) const EX_STALE_TOKEN: u8 = 76;
 
 /// A failure that ends pglock with `code`, after printing `msg`.
 #[derive(Debug)]
@@ -126,7 +131,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::run(cli.dsn.as_deref(), args),
-        Command::Key { name } => show::key(&name),
+        Command::Key { name, slots } => show::key(&name, slots),
+        Command::Lease(command) => lease::command(cli.dsn.as_deref(), command),
         Command::Status { name, json } => show::status(cli.dsn.as_deref(), name.as_deref(), json),
     };
     match result {

@@ -30,7 +30,7 @@ use signal_hook::low_level::siginfo::Cause;
 
 use crate::args::RunArgs;
 use crate::conn::{FirstThenConnect, Pool, Target};
-use crate::{check_name, exec, show, Fail, EX_LOCK_LOST};
+use crate::{check_name, exec, lease, show, Fail, EX_LOCK_LOST};
 
 /// The longest the main thread blocks on the connection before it looks at the child:
 /// the bound on the time from the command's exit to the unlock. Lock loss wakes it at
@@ -54,7 +54,7 @@ type Guard = OwnedSessionGuard<FirstThenConnect>;
 
 /// Where the command is, for the signal thread.
 #[derive(Debug)]
-enum ChildState {
+pub(crate) enum ChildState {
     /// Not started yet: a signal cancels the wait (if any) and ends pglock.
     Waiting(Option<CancelHandle>),
     /// Running (or exited but not yet reaped: its pid cannot be reused).
@@ -63,9 +63,9 @@ enum ChildState {
     Reaped,
 }
 
-type Shared = Arc<Mutex<ChildState>>;
+pub(crate) type Shared = Arc<Mutex<ChildState>>;
 
-fn state(shared: &Shared) -> MutexGuard<'_, ChildState> {
+pub(crate) fn state(shared: &Shared) -> MutexGuard<'_, ChildState> {
     shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -78,38 +78,177 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
             "no command: give `-- COMMAND [ARGS...]` or `-c 'SHELL COMMAND'`",
         ));
     }
+    // Everything about the options is checked before connecting.
+    let lease = match args.lease {
+        Some(lease) => Some(lease::plan(&args, lease)?),
+        None => None,
+    };
+    let grace = match &lease {
+        Some(plan) => plan.grace,
+        None => args.grace.unwrap_or(DEFAULT_GRACE),
+    };
     let target = Target::from_env(dsn)?;
-    let key = LockKey::from_name(&args.name);
     let shared: Shared = Arc::new(Mutex::new(ChildState::Waiting(None)));
     // Before the wait: a signal during it ends pglock with 128+N.
     forward_signals(&shared)?;
 
-    let pool = target.connect(&application_name(
-        &args.name,
-        &hostname(),
-        std::process::id(),
-    ))?;
+    let pool = target.connect(
+        &application_name(&args.name, &hostname(), std::process::id()),
+        // A lease works through a transaction-mode pooler: no session settings then.
+        lease.is_none(),
+    )?;
     let start = Instant::now();
-    let Some(guard) = acquire(&pool, &key, &args, start, &shared)? else {
+    let hold = match &lease {
+        Some(plan) => lease::acquire(&pool, plan, &args, start, &shared)?.map(Hold::Lease),
+        None => match args.slots {
+            Some(slots) => acquire_slot(&pool, &args, slots, start)?
+                .map(|(guard, key, slot)| Hold::Advisory(guard, key, Some(slot))),
+            None => {
+                let key = LockKey::from_name(&args.name);
+                acquire(&pool, &key, &args, start, &shared)?
+                    .map(|guard| Hold::Advisory(guard, key, None))
+            }
+        },
+    };
+    let Some(hold) = hold else {
         return Ok(args.conflict_exit_code);
     };
     if args.verbose {
         eprintln!(
             "pglock: locked {} after waiting {}",
-            key,
+            hold.describe(&args.name),
             show::secs(start.elapsed())
         );
     }
+    let what = hold.describe(&args.name);
     let held_since = Instant::now();
-    let code = supervise(guard, &key, &args, &shared)?;
+    let code = supervise(hold, &args, grace, &shared)?;
     if args.verbose {
         eprintln!(
-            "pglock: released {} after holding it {}",
-            key,
+            "pglock: released {what} after holding it {}",
             show::secs(held_since.elapsed())
         );
     }
     Ok(code)
+}
+
+/// `--grace` without `--lease`.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// A lock held while the command runs (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Hold {
+    /// A session advisory lock on `key`: the name's, or a slot's (`Some(slot)`).
+    Advisory(Guard, LockKey, Option<u32>),
+    /// A lease (or a slot of a lease semaphore).
+    Lease(lease::Held),
+}
+
+impl Hold {
+    fn describe(&self, name: &str) -> String {
+        match self {
+            Hold::Advisory(_, key, None) => key.to_string(),
+            Hold::Advisory(_, key, Some(slot)) => {
+                format!(
+                    "{} slot {slot} (key {})",
+                    show::json_string(name),
+                    key_value(key)
+                )
+            }
+            Hold::Lease(held) => held.describe(),
+        }
+    }
+}
+
+/// The advisory key of slot `slot` of the semaphore `name` (`--slots` without `--lease`):
+/// the pair `(K, slot)`, where `K` is the upper 32 bits of the name's 64-bit key, that is
+/// `((hashtextextended(name, 0) >> 32)::int4, slot)`. Pair keys live in their own part of
+/// `pg_locks` (objsubid 2), apart from every 64-bit key. A NUL cannot be in PostgreSQL
+/// text, so the slot is not appended to the name.
+pub(crate) fn slot_key(name: &str, slot: u32) -> LockKey {
+    let key = LockKey::from_name(name).as_i64().unwrap_or_default();
+    LockKey::pair((key >> 32) as i32, slot as i32)
+}
+
+/// Takes a free slot of an advisory semaphore: one non-blocking try per slot (from a
+/// random one), polling with backoff until one is free or the wait ends. The server
+/// cannot wait for "any of N keys", so an advisory semaphore always polls.
+fn acquire_slot(
+    pool: &Pool,
+    args: &RunArgs,
+    slots: u32,
+    start: Instant,
+) -> Result<Option<(Guard, LockKey, u32)>, Fail> {
+    let limit = if args.nonblock {
+        Some(Duration::ZERO)
+    } else {
+        args.wait
+    };
+    let first = (std::process::id() ^ start.elapsed().subsec_nanos()) % slots;
+    let mut sleep = Duration::from_millis(10);
+    let mut said = false;
+    loop {
+        for i in 0..slots {
+            let slot = (first + i) % slots;
+            let key = slot_key(&args.name, slot);
+            let lock = SessionLock::new(pool, key.clone()).map_err(lock_fail)?;
+            if let Some(guard) = lock.try_lock_owned().map_err(lock_fail)? {
+                return Ok(Some((guard, key, slot)));
+            }
+        }
+        let rest = limit.map(|limit| limit.saturating_sub(start.elapsed()));
+        if rest == Some(Duration::ZERO) {
+            if !args.quiet {
+                let waited = if args.nonblock || args.wait == Some(Duration::ZERO) {
+                    String::new()
+                } else {
+                    format!(" after waiting {}", show::secs(start.elapsed()))
+                };
+                eprintln!(
+                    "pglock: all {slots} slots of {} are busy{waited}, {}",
+                    show::json_string(&args.name),
+                    who_holds_slots(pool, &args.name, slots)
+                );
+            }
+            return Ok(None);
+        }
+        if args.verbose && !said {
+            said = true;
+            eprintln!(
+                "pglock: all {slots} slots of {} are busy, {}; polling",
+                show::json_string(&args.name),
+                who_holds_slots(pool, &args.name, slots)
+            );
+        }
+        let nap = rest.map_or(sleep, |rest| rest.min(sleep));
+        std::thread::sleep(nap);
+        sleep = (sleep * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// "held by slot 0: pid 123 (...); slot 1: ...", from `pg_locks` and `pg_stat_activity`.
+fn who_holds_slots(pool: &Pool, name: &str, slots: u32) -> String {
+    let holders = pool.get().map_err(|e| e.to_string()).and_then(|mut conn| {
+        inspect::holders(&mut *conn, None).map_err(|e| crate::describe_pg(&e))
+    });
+    match holders {
+        Ok(rows) => {
+            let held: Vec<String> = (0..slots)
+                .flat_map(|slot| {
+                    let key = slot_key(name, slot);
+                    rows.iter()
+                        .filter(move |h| h.granted && h.key == key)
+                        .map(move |h| format!("slot {slot}: {}", show::holder_summary(h)))
+                })
+                .collect();
+            if held.is_empty() {
+                "but they have no holder any more".to_owned()
+            } else {
+                format!("held by {}", held.join("; "))
+            }
+        }
+        Err(e) => format!("and their holders could not be listed: {e}"),
+    }
 }
 
 /// Takes the lock as the options say: `None` when it stayed busy.
@@ -208,8 +347,12 @@ fn who_holds(pool: &Pool, key: &LockKey) -> String {
     }
 }
 
-fn lock_fail(e: Error) -> Fail {
-    let msg = crate::describe_lock_error(&e);
+pub(crate) fn lock_fail(e: Error) -> Fail {
+    let mut msg = crate::describe_lock_error(&e);
+    if e.code() == Some(&pglock::postgres::error::SqlState::UNDEFINED_TABLE) {
+        msg += " (create the lease table with --create-table, or run \
+                LeaseTable::create_sql() in your migrations)";
+    }
     match e {
         Error::Pool { .. } => Fail::unavailable(msg),
         Error::InvalidArgument { .. } => Fail::usage(msg),
@@ -218,7 +361,7 @@ fn lock_fail(e: Error) -> Fail {
 }
 
 /// Runs the command and watches it and the lock. Returns pglock's exit code.
-fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -> Result<u8, Fail> {
+fn supervise(hold: Hold, args: &RunArgs, grace: Duration, shared: &Shared) -> Result<u8, Fail> {
     let mut command = Command::new(exec::SELF_EXE);
     command
         .arg0("pglock")
@@ -229,8 +372,26 @@ fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -
     };
     command
         .env("PGLOCK_NAME", &args.name)
-        .env("PGLOCK_KEY", key_value(key))
         .env("PGLOCK_HELD", "1");
+    // Inherited from an outer pglock, they would describe its lock, not this one.
+    command
+        .env_remove("PGLOCK_KEY")
+        .env_remove("PGLOCK_TOKEN")
+        .env_remove("PGLOCK_SLOT");
+    match &hold {
+        Hold::Advisory(_, key, slot) => {
+            command.env("PGLOCK_KEY", key_value(key));
+            if let Some(slot) = slot {
+                command.env("PGLOCK_SLOT", slot.to_string());
+            }
+        }
+        Hold::Lease(held) => {
+            command.env("PGLOCK_TOKEN", held.guard.token().to_string());
+            if args.slots.is_some() {
+                command.env("PGLOCK_SLOT", held.guard.slot().to_string());
+            }
+        }
+    }
 
     let mut child = {
         let mut st = state(shared);
@@ -246,24 +407,76 @@ fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -
         child
     };
 
+    match hold {
+        Hold::Advisory(guard, key, _) => supervise_advisory(guard, &key, child, grace, shared),
+        Hold::Lease(held) => {
+            let what = held.describe();
+            let watch = held.guard.watch();
+            loop {
+                if let Some(status) = reap(&mut child, shared)? {
+                    return Ok(finish(status, held.guard.unlock()));
+                }
+                if watch.wait_lost(TICK) {
+                    break;
+                }
+            }
+            let pid = child.id();
+            let lost_at = Instant::now();
+            eprintln!(
+                "pglock: lost the lease {what}: it could not be renewed before the holder's \
+                 deadline, or the server found it expired or taken over; sending SIGTERM to \
+                 the command (pid {pid}), SIGKILL after {}",
+                show::secs(grace)
+            );
+            let status = terminate(&mut child, shared, grace)?;
+            eprintln!(
+                "pglock: the command ended ({}) {} after losing the lease",
+                describe_status(status),
+                show::secs(lost_at.elapsed())
+            );
+            // No release: the lease is lost already, and a release could wait behind a
+            // row lock (the very thing that may have stopped the heartbeats). The lease
+            // expires on the server by itself, after at most the margin; the process and
+            // its heartbeat thread end now.
+            std::mem::forget(held.guard);
+            Ok(EX_LOCK_LOST)
+        }
+    }
+}
+
+/// pglock's exit code once the command exited by itself: its own, unless the release
+/// found the lock lost.
+fn finish(status: ExitStatus, unlocked: Result<(), Error>) -> u8 {
+    match unlocked {
+        Ok(()) => exit_code(status),
+        Err(e @ Error::LockLost { .. }) => {
+            eprintln!(
+                "pglock: the command finished ({}), but {}",
+                describe_status(status),
+                crate::describe_lock_error(&e)
+            );
+            EX_LOCK_LOST
+        }
+        Err(e) => {
+            // The session was ended to free the lock, or the release of a lease could
+            // not be sent (it then expires by itself); the command ran under the lock.
+            eprintln!("pglock: warning: {}", crate::describe_lock_error(&e));
+            exit_code(status)
+        }
+    }
+}
+
+/// Watches an advisory lock's connection while the command runs.
+fn supervise_advisory(
+    mut guard: Guard,
+    key: &LockKey,
+    mut child: Child,
+    grace: Duration,
+    shared: &Shared,
+) -> Result<u8, Fail> {
     let lost = loop {
         if let Some(status) = reap(&mut child, shared)? {
-            return Ok(match OwnedSessionGuard::unlock(guard) {
-                Ok(()) => exit_code(status),
-                Err(e @ Error::LockLost { .. }) => {
-                    eprintln!(
-                        "pglock: the command finished ({}), but {}",
-                        describe_status(status),
-                        crate::describe_lock_error(&e)
-                    );
-                    EX_LOCK_LOST
-                }
-                Err(e) => {
-                    // The session was ended to free the lock; the command ran under it.
-                    eprintln!("pglock: warning: {}", crate::describe_lock_error(&e));
-                    exit_code(status)
-                }
-            });
+            return Ok(finish(status, OwnedSessionGuard::unlock(guard)));
         }
         let read = guard.notifications().timeout_iter(TICK).next().map(|_| ());
         match read {
@@ -277,9 +490,9 @@ fn supervise(mut guard: Guard, key: &LockKey, args: &RunArgs, shared: &Shared) -
     eprintln!(
         "pglock: lost the lock {key}: its session ended ({lost}); sending SIGTERM to the \
          command (pid {pid}), SIGKILL after {}",
-        show::secs(args.grace)
+        show::secs(grace)
     );
-    let status = terminate(&mut child, shared, args.grace)?;
+    let status = terminate(&mut child, shared, grace)?;
     eprintln!(
         "pglock: the command ended ({}) after losing the lock",
         describe_status(status)
@@ -417,7 +630,7 @@ fn parse_sigign(status: &str) -> Option<u64> {
     u64::from_str_radix(line["SigIgn:".len()..].trim(), 16).ok()
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown-host".to_owned())

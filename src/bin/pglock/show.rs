@@ -10,7 +10,7 @@ use crate::conn::Target;
 use crate::{check_name, Fail};
 
 /// `pglock key NAME`: needs no server.
-pub(crate) fn key(name: &str) -> Result<u8, Fail> {
+pub(crate) fn key(name: &str, slots: Option<u32>) -> Result<u8, Fail> {
     check_name(name)?;
     let key = LockKey::from_name(name);
     let k = key.as_i64().unwrap_or_default();
@@ -27,6 +27,17 @@ pub(crate) fn key(name: &str) -> Result<u8, Fail> {
         sql_literal(name)
     );
     println!("sql-by-key: SELECT pg_advisory_lock({k});");
+    for slot in 0..slots.unwrap_or(0) {
+        let key = crate::run::slot_key(name, slot);
+        let (a, b) = key.as_pair().unwrap_or_default();
+        println!(
+            "slot {slot}: key {a},{b} pg_locks: locktype=advisory classid={} objid={} \
+             objsubid={} sql: SELECT pg_advisory_lock({a}, {b});",
+            key.classid(),
+            key.objid(),
+            key.objsubid()
+        );
+    }
     Ok(0)
 }
 
@@ -37,7 +48,7 @@ pub(crate) fn status(dsn: Option<&str>, name: Option<&str>, json: bool) -> Resul
     }
     let key = name.map(LockKey::from_name);
     let target = Target::from_env(dsn)?;
-    let pool = target.connect("pglock status")?;
+    let pool = target.connect("pglock status", true)?;
     let mut conn = pool
         .get()
         .map_err(|e| Fail::unavailable(format!("cannot connect to {}: {e}", target.describe())))?;
@@ -245,7 +256,7 @@ pub(crate) fn secs(d: Duration) -> String {
 }
 
 /// `2026-11-30T22:25:01.123Z`.
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
