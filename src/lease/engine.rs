@@ -69,7 +69,7 @@ impl Spec {
             delete_sql: sql::unlock(&table, true, notify, wait_ms),
             read_sql: sql::read(&table),
             fence_sql: sql::fence(&table),
-            abandon_sql: sql::abandon(&table),
+            abandon_sql: sql::abandon(&table, wait_ms),
             key,
             name: name.to_owned(),
             slots,
@@ -404,11 +404,10 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             "undo a lock whose reply was lost",
         );
         match result {
-            Ok(rows) if !rows.is_empty() => log::warn!(
-                "lease {}: a lock statement failed after taking slot {slot}; released it",
+            Ok(_) => log::warn!(
+                "lease {}: a lock statement's reply was lost; undid what it took, or will take",
                 spec.key
             ),
-            Ok(_) => {}
             Err(e) => log::warn!("lease {}: {e}", spec.key),
         }
     }

@@ -70,9 +70,9 @@ pub(crate) fn lock(table: &str, sequence: &str) -> String {
          nonce = $7, lease_us = $4, acquired_at = {now}, renewed_at = {now}, \
          expires_at = {now} + $4 * interval '1 microsecond', \
          data = CASE WHEN $6 THEN $5 ELSE l.data END \
-         WHERE l.name = $1 AND l.slot = $2 AND l.{expired} \
+         WHERE l.name = $1 AND l.slot = $2 AND l.{expired} AND l.nonce <> $7 \
          AND EXISTS (SELECT FROM {table} WHERE name = $1 AND slot = $2 AND {expired} \
-         FOR NO KEY UPDATE SKIP LOCKED) \
+         AND nonce <> $7 FOR NO KEY UPDATE SKIP LOCKED) \
          RETURNING l.token), \
          created AS (INSERT INTO {table} \
          (name, slot, owner, token, nonce, lease_us, acquired_at, renewed_at, expires_at) \
@@ -85,12 +85,17 @@ pub(crate) fn lock(table: &str, sequence: &str) -> String {
     )
 }
 
-/// Ends a lease that an attempt with nonce `$3` may have taken on slot `$2` of `$1`
-/// although its reply never arrived.
-pub(crate) fn abandon(table: &str) -> String {
+/// Undoes an attempt with nonce `$3` on slot `$2` of `$1` whose reply never arrived,
+/// whether it already ran or has yet to: a lease it took is ended, and a free row is
+/// marked with the nonce, which the attempt's statement refuses to take should it run
+/// later. A row another holder has is left alone. Waits at most `wait_ms` for a row lock.
+pub(crate) fn abandon(table: &str, wait_ms: u32) -> String {
     format!(
-        "UPDATE {table} SET expires_at = pg_catalog.clock_timestamp() \
-         WHERE name = $1 AND slot = $2 AND nonce = $3 AND expires_at > pg_catalog.clock_timestamp()"
+        "UPDATE {table} SET nonce = $3, \
+         expires_at = LEAST(expires_at, pg_catalog.clock_timestamp()) \
+         WHERE name = $1 AND slot = $2 \
+         AND (nonce = $3 OR expires_at <= pg_catalog.clock_timestamp()) {}",
+        bounded_wait(wait_ms)
     )
 }
 
@@ -177,7 +182,7 @@ mod tests {
             unlock(T, true, true, 250),
             read(T),
             fence(T),
-            abandon(T),
+            abandon(T, 250),
         ] {
             assert!(sql.contains(T), "{sql}");
             // Everything else is a parameter.
@@ -221,7 +226,9 @@ mod tests {
                 "{sql}"
             );
         }
-        assert!(abandon(T).contains("nonce = $3"));
+        assert!(abandon(T, 250).contains("nonce = $3"));
+        // A lock statement refuses a row marked with its own nonce.
+        assert_eq!(lock(T, S).matches("nonce <> $7").count(), 2);
         assert!(unlock(T, true, false, 250).starts_with("DELETE"));
         assert!(unlock(T, false, true, 250).contains("pg_notify('pglock_leases', $4)"));
         assert!(!unlock(T, false, false, 250).contains("pg_notify"));

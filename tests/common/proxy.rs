@@ -42,7 +42,7 @@ impl FaultProxy {
                 let (armed, cuts) = (Arc::clone(&armed2), Arc::clone(&cuts2));
                 let (mut c_read, mut s_write) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (c_kill, s_kill) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let c_kill = client.try_clone().unwrap();
                 thread::spawn(move || {
                     let mut buf = [0u8; 16384];
                     loop {
@@ -50,19 +50,26 @@ impl FaultProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if s_write.write_all(&buf[..n]).is_err() {
+                        let hit = {
+                            let mut armed = armed.lock().unwrap();
+                            let hit = armed
+                                .as_ref()
+                                .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == &p[..]));
+                            if hit {
+                                *armed = None;
+                            }
+                            hit
+                        };
+                        if hit {
+                            // Close the client first, so that no reply can reach it; then
+                            // hand the server the message, which it runs before it reads
+                            // the end of the stream.
+                            let _ = c_kill.shutdown(Shutdown::Both);
+                            let _ = s_write.write_all(&buf[..n]);
+                            cuts.fetch_add(1, Ordering::SeqCst);
                             break;
                         }
-                        let mut armed = armed.lock().unwrap();
-                        let hit = armed
-                            .as_ref()
-                            .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == &p[..]));
-                        if hit {
-                            *armed = None;
-                            cuts.fetch_add(1, Ordering::SeqCst);
-                            // The server got the message; its reply never reaches the client.
-                            let _ = c_kill.shutdown(Shutdown::Both);
-                            let _ = s_kill.shutdown(Shutdown::Both);
+                        if s_write.write_all(&buf[..n]).is_err() {
                             break;
                         }
                     }
