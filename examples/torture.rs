@@ -24,6 +24,9 @@
 //! is exclusive.
 //!
 //! The worker is this same program, run as `torture --worker INDEX UNTIL_UNIX_MS`.
+//!
+//! The check is itself checked: with `PGLOCK_TORTURE_CONTROL=1` the advisory sections run
+//! without their locks, and the run passes only if it finds overlaps.
 
 use std::io::{BufRead, BufReader};
 use std::panic::{self, AssertUnwindSafe};
@@ -55,6 +58,11 @@ const APP: &str = "pglock-torture-w";
 const LEASE: Duration = Duration::from_secs(2);
 /// Every wait is bounded, so that workers finish soon after the deadline.
 const WAIT: Duration = Duration::from_secs(2);
+/// Whether this is the control run, whose advisory sections take no lock.
+fn control() -> bool {
+    std::env::var_os("PGLOCK_TORTURE_CONTROL").is_some_and(|v| v == "1")
+}
+
 /// The panic message of a deliberate panic inside `with_lock`.
 const PANIC: &str = "torture: a deliberate panic inside with_lock";
 
@@ -296,6 +304,16 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
     println!("connections leaked:            {connections}");
     println!("workers crashed:               {crashes}");
     println!("unexpected errors:             {}", totals.unexpected);
+    if control() {
+        println!(
+            "torture: control run (advisory sections without locks): {overlaps} overlaps found"
+        );
+        return Ok(if overlaps > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let ok = completed > 0
         && overlaps == 0
         && stale == 0
@@ -606,6 +624,11 @@ fn session(
 ) -> Result<bool, Outcome> {
     let name = ADVISORY[rng.below(ADVISORY.len() as u64) as usize];
     let pause = [rng.millis(5), rng.millis(5)];
+    if control() {
+        let mut conn = pool.get().map_err(|_| Failure::Pool)?;
+        advisory_section(&mut conn, pause, section, name, mode, false)?;
+        return Ok(true);
+    }
     let mut lock = SessionLock::with_options(pool, name, options(mode))?;
     let guard = match take {
         Take::Try => lock.try_lock()?,
@@ -641,6 +664,11 @@ fn transaction(
 ) -> Result<bool, Outcome> {
     let name = ADVISORY[rng.below(ADVISORY.len() as u64) as usize];
     let pause = [rng.millis(5), rng.millis(5)];
+    if control() {
+        let mut conn = pool.get().map_err(|_| Failure::Pool)?;
+        advisory_section(&mut conn, pause, section, name, mode, false)?;
+        return Ok(true);
+    }
     let mut lock = TxLock::with_options(pool, name, options(mode))?;
     let guard = match take {
         Take::Try => lock.try_lock()?,
