@@ -400,7 +400,13 @@ fn a_connection_lost_during_commit_is_an_unknown_outcome() {
     killer.join().unwrap();
     assert!(matches!(err, Error::CommitOutcomeUnknown { .. }), "{err:?}");
     assert!(err.to_string().contains("unknown"), "{err}");
-    assert_eq!(holders(&mut admin, &key), 0);
+    // The client reads the FATAL message before the dying backend has released its
+    // locks: wait for the server to finish.
+    common::wait_until(
+        "the terminated session's lock is free",
+        Duration::from_secs(10),
+        || holders(&mut admin, &key) == 0,
+    );
     // The lock takes a fresh connection from its pool and goes on.
     assert!(lock.try_lock().unwrap().is_some());
 }
