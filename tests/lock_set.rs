@@ -23,7 +23,7 @@ fn try_lock_takes_all_or_none_in_one_statement() {
     let pool = pool(2);
     let mut admin = admin();
     let mut set = LockSet::new(&pool, [c.clone(), a.clone(), b.clone()]).unwrap();
-    let mut sorted = vec![a.clone(), b.clone(), c.clone()];
+    let mut sorted = [a.clone(), b.clone(), c.clone()];
     sorted.sort_by_key(|k| (k.objsubid(), k.classid(), k.objid()));
     assert_eq!(set.keys(), &sorted[..], "canonical order");
 

@@ -565,7 +565,7 @@ where
     M: ManageConnection<Connection = Client>,
 {
     /// The keys held, in canonical order.
-    pub fn keys<'g>(this: &'g Self) -> &'g [LockKey] {
+    pub fn keys(this: &Self) -> &[LockKey] {
         &this.state.keys
     }
 
