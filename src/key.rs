@@ -210,6 +210,13 @@ impl LockKey {
         }
     }
 
+    /// The same key with `label` as its name, for logs and errors: a semaphore's slot
+    /// key labelled with the semaphore's name, a lock set's first key labelled as the set.
+    pub(crate) fn labelled(mut self, label: &str) -> Self {
+        self.name = Some(Arc::from(label));
+        self
+    }
+
     pub(crate) fn sql_args(&self) -> String {
         match self.id {
             KeyId::Single(key) => key.to_string(),
@@ -247,7 +254,8 @@ impl fmt::Display for LockKey {
                 None => write!(f, "{name:?} (key {key}, ")?,
             },
             (None, KeyId::Single(key)) => write!(f, "{key} (")?,
-            (_, KeyId::Pair(a, b)) => write!(f, "({a}, {b}) (")?,
+            (Some(name), KeyId::Pair(a, b)) => write!(f, "{name:?} (pair ({a}, {b}), ")?,
+            (None, KeyId::Pair(a, b)) => write!(f, "({a}, {b}) (")?,
         }
         write!(
             f,

@@ -51,6 +51,12 @@
 //! [`set_key`](AdvisoryLock::set_key) points one lock at another key without a new
 //! checkout. A lock made from a pool takes a fresh connection when its session died.
 //!
+//! # Coordination
+//!
+//! On the same session advisory locks: [`AdvisorySemaphore`], a named semaphore with N
+//! slots (a release wakes waiters through `NOTIFY`), and [`LockSet`], several keys taken
+//! all or nothing in one canonical order, so overlapping sets never deadlock.
+//!
 //! # Keys
 //!
 //! A [`LockKey`] is an `i64`, an `(i32, i32)` pair, or a name. A name maps to PostgreSQL's
@@ -202,8 +208,9 @@ mod options;
 mod wait;
 
 pub use crate::advisory::{
-    AdvisoryGuard, AdvisoryLock, OwnedAdvisoryGuard, OwnedSessionGuard, OwnedTxGuard, Scope,
-    Session, SessionGuard, SessionLock, Transaction, TxGuard, TxLock, TxSavepoint,
+    AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, LockSet, LockSetGuard, OwnedAdvisoryGuard,
+    OwnedSessionGuard, OwnedTxGuard, Scope, SemaphorePermit, Session, SessionGuard, SessionLock,
+    Transaction, TxGuard, TxLock, TxSavepoint, MAX_PERMITS, MAX_SET_KEYS,
 };
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};

@@ -6,10 +6,19 @@
 //! [`TxLock`] are its two instances. The SQL lives in `sql.rs` as plain functions, the
 //! engine that sends it and cleans up after every failure in `engine.rs`, and the wait
 //! strategies it shares with other lock kinds in `crate::wait`.
+//!
+//! On top of session locks, two coordination types with engines of their own (they hold
+//! several keys on one session): [`AdvisorySemaphore`] (N slots, `semaphore.rs`) and
+//! [`LockSet`] (several keys, all or nothing, `set.rs`). Their SQL is in `coord_sql.rs`,
+//! what they share in `coord.rs`.
 
+mod coord;
+mod coord_sql;
 mod engine;
 mod guard;
 mod scope;
+mod semaphore;
+mod set;
 mod sql;
 
 use std::fmt;
@@ -22,6 +31,8 @@ use r2d2_postgres::PostgresConnectionManager;
 use self::engine::Core;
 pub use self::guard::{AdvisoryGuard, OwnedAdvisoryGuard, TxSavepoint};
 pub use self::scope::{Scope, Session, Transaction};
+pub use self::semaphore::{AdvisorySemaphore, SemaphorePermit, MAX_PERMITS};
+pub use self::set::{LockSet, LockSetGuard, MAX_SET_KEYS};
 use crate::locker::{sealed, Locker};
 use crate::wait::{Limit, Outcome};
 use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};

@@ -251,3 +251,58 @@ pub fn count(admin: &mut Client, name: &str) -> i32 {
         .expect("read counter")
         .get(0)
 }
+
+/// A pool of one connection whose settings differ from every value pglock sets, so a
+/// leaked `SET` shows (as in `tests/hygiene.rs`).
+pub fn pool_of_one_with_settings() -> Pool {
+    let mut config = config();
+    config.options("-c statement_timeout=5s -c lock_timeout=4s");
+    pool_with(1, config)
+}
+
+/// Checks the only connection of a `pool_of_one_with_settings` out and looks at it: no
+/// advisory lock, no transaction, no changed setting, no session marker, no `LISTEN`.
+pub fn assert_pool_clean(pool: &Pool, path: &str) {
+    let mut conn = pool
+        .get()
+        .unwrap_or_else(|e| panic!("{path}: checkout: {e}"));
+    let messages = conn
+        .simple_query(
+            "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                     AND pid = pg_backend_pid()), \
+                    now() < statement_timestamp(), \
+                    current_setting('lock_timeout'), current_setting('statement_timeout'), \
+                    COALESCE(current_setting('pglock.session_lock', true), ''), \
+                    (SELECT count(*) FROM pg_listening_channels())",
+        )
+        .unwrap_or_else(|e| panic!("{path}: the connection is not usable: {e:?}"));
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .expect("a row");
+    assert_eq!(
+        row.get(0),
+        Some("0"),
+        "{path}: the connection holds advisory locks"
+    );
+    assert_eq!(
+        row.get(1),
+        Some("f"),
+        "{path}: the connection is inside a transaction"
+    );
+    assert_eq!(row.get(2), Some("4s"), "{path}: lock_timeout changed");
+    assert_eq!(row.get(3), Some("5s"), "{path}: statement_timeout changed");
+    assert_eq!(
+        row.get(4),
+        Some(""),
+        "{path}: a session lock marker was left"
+    );
+    assert_eq!(
+        row.get(5),
+        Some("0"),
+        "{path}: the connection still listens"
+    );
+}
