@@ -148,6 +148,19 @@ pub enum Error {
         source: postgres::Error,
     },
 
+    /// The server is a read-only hot standby (in recovery): an advisory lock taken there
+    /// excludes nobody on the primary, and a lease cannot be written. Nothing is held.
+    /// Connect to the primary; with several hosts in the connection settings, set
+    /// `target_session_attrs=read-write`.
+    #[error(
+        "lock {key}: the server is a read-only standby, where a lock excludes nobody on \
+         the primary; connect to the primary (target_session_attrs=read-write)"
+    )]
+    ReadOnlyStandby {
+        /// The lock.
+        key: LockKey,
+    },
+
     /// An argument was out of range or malformed; nothing was sent to the server.
     #[error("lock {key}: invalid argument: {message}")]
     InvalidArgument {
@@ -228,6 +241,7 @@ impl Error {
             | Error::InvalidArgument { key, .. }
             | Error::SessionShared { key, .. }
             | Error::TransactionLeftOpen { key }
+            | Error::ReadOnlyStandby { key }
             | Error::CommitOutcomeUnknown { key, .. }
             | Error::Database { key, .. } => key,
         }

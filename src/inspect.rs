@@ -137,8 +137,8 @@ pub fn holders<C: GenericClient>(
         .collect())
 }
 
-/// Force-releases a stuck advisory lock: terminates every other session that holds `key`
-/// (`pg_terminate_backend`), and returns the pids it terminated. The server frees a
+/// Force-releases a stuck advisory lock: terminates every other session of the current
+/// database that holds `key` (`pg_terminate_backend`), and returns the pids it terminated. The server frees a
 /// terminated session's locks at once, and the next waiter gets the lock.
 ///
 /// Use it as a last resort, for a holder that is gone but whose session is not (a hung
@@ -184,6 +184,8 @@ fn terminate_sql(key: &LockKey) -> String {
     format!(
         "SELECT pid FROM (SELECT DISTINCT pid FROM pg_catalog.pg_locks \
          WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_catalog.pg_database \
+         WHERE datname = pg_catalog.current_database()) \
          AND classid = {} AND objid = {} AND objsubid = {} \
          AND pid <> pg_catalog.pg_backend_pid()) h \
          WHERE pg_catalog.pg_terminate_backend(pid)",
@@ -242,6 +244,10 @@ mod tests {
         let sql = terminate_sql(&LockKey::pair(1, -1));
         assert!(sql.contains("classid = 1 AND objid = 4294967295 AND objsubid = 2"));
         assert!(sql.contains("SELECT DISTINCT pid"));
+        assert!(
+            sql.contains("datname = pg_catalog.current_database()"),
+            "{sql}"
+        );
         assert!(sql.ends_with("WHERE pg_catalog.pg_terminate_backend(pid)"));
     }
 

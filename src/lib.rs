@@ -173,7 +173,10 @@
 //! With the `metrics` cargo feature, pglock reports through the
 //! [`metrics`](https://docs.rs/metrics) facade (install any recorder; the library stays
 //! exporter-agnostic). Every series has the labels `kind` (`session`, `transaction`,
-//! `lease`) and `lock` (the name, or the integer key: keep the set of locks bounded).
+//! `lease`) and `lock` (the name, `namespace/name` for a namespaced key, or the integer
+//! key: keep the set of locks bounded). `SessionLock`, `TxLock`, `LeaseLock` and
+//! `LeaseSemaphore` are instrumented; [`AdvisorySemaphore`], [`LockSet`] and [`Leader`]
+//! are not yet.
 //!
 //! | metric | type | when |
 //! |---|---|---|

@@ -8,7 +8,10 @@ use crate::LockKey;
 #[cfg(feature = "metrics")]
 fn label(key: &LockKey) -> String {
     match (key.name(), key.as_i64(), key.as_pair()) {
-        (Some(name), _, _) => name.to_owned(),
+        (Some(name), _, _) => match key.namespace() {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.to_owned(),
+        },
         (None, Some(k), _) => k.to_string(),
         (None, None, Some((a, b))) => format!("{a},{b}"),
         _ => String::new(),

@@ -296,3 +296,57 @@ fn every_path_leaves_the_pooled_connection_clean() {
     drop(set);
     assert_pool_clean(&pool, "guards leaked with mem::forget");
 }
+
+#[test]
+fn a_set_that_deadlocks_part_way_releases_what_it_took() {
+    // The set takes its first key, then waits for the second, which another client holds;
+    // that client then waits for the set's first key: a deadlock the server breaks. If the
+    // set is the one told, its first key must be free afterwards.
+    let (a, b) = (unique_key!("a"), unique_key!("b"));
+    let mut keys = vec![a, b];
+    keys.sort_by_key(|k| (k.objsubid(), k.classid(), k.objid()));
+    let (first, second) = (keys[0].clone(), keys[1].clone());
+    let pool = pool(3);
+    let mut admin = admin();
+    let mut other_conn = pool.get().unwrap();
+    let other_pid = common::backend_pid(&mut other_conn);
+    let k2 = second.as_i64().unwrap();
+    other_conn
+        .execute("SELECT pg_advisory_lock($1)", &[&k2])
+        .unwrap();
+
+    let set_pool = pool.clone();
+    let set_keys = keys.clone();
+    let set_thread = thread::spawn(move || {
+        let mut set = LockSet::new(&set_pool, set_keys).unwrap();
+        set.lock().map(drop)
+    });
+    wait_for_waiters(&mut admin, &second, 1);
+    let k1 = first.as_i64().unwrap();
+    // The other client now waits for the set's first key.
+    let other = thread::spawn(move || {
+        // Bounded, so that a set that kept its key fails the test instead of hanging it.
+        other_conn
+            .batch_execute("SET lock_timeout = '10s'")
+            .unwrap();
+        let r = other_conn.execute("SELECT pg_advisory_lock($1)", &[&k1]);
+        let _ = other_conn.batch_execute("SELECT pg_advisory_unlock_all()");
+        r.map(|_| ()).map_err(|e| e.to_string())
+    });
+    let set_result = set_thread.join().unwrap();
+    let other_result = other.join().unwrap();
+    match set_result {
+        Err(Error::Deadlock { .. }) => {
+            assert!(
+                other_result.is_ok(),
+                "the set kept its first key: {other_result:?}"
+            );
+        }
+        Ok(()) => assert!(other_result.is_err(), "both got through a deadlock"),
+        Err(e) => panic!("{e:?}"),
+    }
+    common::wait_until("no key left held", Duration::from_secs(10), || {
+        holders(&mut admin, &first) == 0 && holders(&mut admin, &second) == 0
+    });
+    let _ = other_pid;
+}

@@ -183,11 +183,12 @@ pub(crate) fn acquire_error(
 }
 
 /// Runs `cleanup` (a statement that releases whatever a failed statement may have taken)
-/// after a failed lock statement, unless the failure cannot have taken anything; ends the
-/// session if the cleanup fails.
+/// after a failed lock statement, unless the session is gone; ends the session if the
+/// cleanup fails. Also after a deadlock or a full lock table: a statement that takes
+/// several keys may have taken some before it failed, and session locks outlive the error.
 pub(crate) fn clean_after(client: &mut Client, key: &LockKey, e: &postgres::Error, cleanup: &str) {
     match failure_of(client, e) {
-        Failure::Closed | Failure::Deadlock | Failure::OutOfSharedMemory => {}
+        Failure::Closed => {}
         _ => {
             let result = match simple(client, cleanup) {
                 Err(e) if failure_of(client, &e) == Failure::Canceled => simple(client, cleanup),

@@ -44,6 +44,9 @@ struct Settings {
     quiet: bool,
     /// `lock_timeout` is off: an unbounded wait needs not override it.
     no_lock_timeout: bool,
+    /// The server is a hot standby in recovery: a lock there excludes nobody on the
+    /// primary, so none is handed out.
+    standby: bool,
 }
 
 /// The state of one lock, apart from its connection.
@@ -234,6 +237,18 @@ impl<S: Scope> Core<S> {
                     self.release_quietly(conn);
                     return Err(self.cancelled());
                 }
+                if self.settings.is_some_and(|s| s.standby) {
+                    // Taken on a hot standby, where it excludes nobody on the primary.
+                    self.release_quietly(conn);
+                    self.settings = None; // ask again next time (a promotion ends recovery)
+                    warn!(
+                        "lock {}: refused: the server is a read-only standby",
+                        self.spec.key
+                    );
+                    return Err(Error::ReadOnlyStandby {
+                        key: self.spec.key.clone(),
+                    });
+                }
                 debug!(
                     "locked {} ({:?}, {:?}) after {:?}",
                     self.spec.key,
@@ -417,9 +432,11 @@ impl<S: Scope> Core<S> {
     /// `transaction_timeout`, `lock_timeout`.
     fn learn(&mut self, row: &Row, at: usize) {
         let (statement, transaction, lock) = (col(row, at), col(row, at + 1), col(row, at + 2));
+        let standby = truthy(col(row, at + 3));
         self.settings = statement.map(|statement| Settings {
             quiet: statement == "0" && matches!(transaction, None | Some("0")),
             no_lock_timeout: lock == Some("0"),
+            standby,
         });
     }
 

@@ -76,7 +76,9 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 ///   discarded.
 /// - [`WaitMode::Poll`] polls with jittered backoff instead and never listens.
 /// - A notification needs a session that receives it: through a transaction-mode pooler
-///   neither session locks nor `LISTEN` work. Connect directly.
+///   neither session locks nor `LISTEN` work. Connect directly: the semaphore sets no
+///   session marker, so unlike [`SessionLock`](crate::SessionLock) it cannot detect such a
+///   pooler, behind which two clients on one server session can both hold a slot.
 ///
 /// [`LockOptions::lock_timeout`] bounds [`lock`](AdvisorySemaphore::lock); it is measured
 /// by the client here (there is no single server wait to bound). [`LockMode::Shared`] is

@@ -37,11 +37,12 @@ const MARKER: &str = "COALESCE(pg_catalog.current_setting('pglock.session_lock',
 
 /// The session settings a lock's statements depend on: `statement_timeout` and
 /// `transaction_timeout` (NULL before PostgreSQL 17), which can cut a wait short, and
-/// `lock_timeout`, which a wait must override unless it already has the wanted value.
+/// `lock_timeout`, which a wait must override unless it already has the wanted value;
+/// and whether the server is a hot standby (where a lock excludes nobody on the primary).
 /// Read once per lock and connection, and again after a critical section used it.
 const SETTINGS: &str = "pg_catalog.current_setting('statement_timeout'), \
      pg_catalog.current_setting('transaction_timeout', true), \
-     pg_catalog.current_setting('lock_timeout')";
+     pg_catalog.current_setting('lock_timeout'), pg_catalog.pg_is_in_recovery()";
 
 /// `, SETTINGS` when `learn`.
 fn settings(learn: bool) -> String {

@@ -352,6 +352,13 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             {
                 return Ok(None);
             }
+            Err(Error::Database { source, .. })
+                if source.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) =>
+            {
+                return Err(Error::ReadOnlyStandby {
+                    key: spec.key.clone(),
+                });
+            }
             Err(e) => {
                 if let Error::Database { source, .. } = &e {
                     if source.as_db_error().is_none() {
