@@ -361,6 +361,96 @@ fn pglock_killed_with_sigkill_takes_its_command_along() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// A pipeline whose two processes write their pids to `pids`, one a line, then run on.
+fn pipeline_writing_pids(pids: &Path) -> String {
+    format!(
+        "sh -c 'echo $$ >> {0}; exec sleep 300' | sh -c 'echo $$ >> {0}; exec cat'",
+        pids.display()
+    )
+}
+
+/// The pids in `file`, once it has `n` of them.
+fn wait_for_pids(file: &Path, n: usize) -> Vec<u32> {
+    let mut pids = Vec::new();
+    wait_until("the pids are written", LONG, || {
+        pids = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        pids.len() >= n
+    });
+    pids
+}
+
+/// Grandchildren too: the command's process group goes with pglock.
+#[test]
+fn pglock_killed_with_sigkill_takes_the_commands_whole_process_group_along() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let pids = dir.join("pids");
+    let (mut run, _out) = spawn(&["run", &name, "-c", &pipeline_writing_pids(&pids)]);
+    let procs = wait_for_pids(&pids, 2);
+    assert!(procs.iter().all(|&p| !gone(p)), "{procs:?}");
+    signal(run.id(), "KILL");
+    wait_exit(&mut run, LONG);
+    let start = Instant::now();
+    wait_until("the pipeline is gone", LONG, || {
+        procs.iter().all(|&p| gone(p))
+    });
+    eprintln!("pipeline gone {:?} after pglock's SIGKILL", start.elapsed());
+}
+
+#[test]
+fn a_lost_lock_stops_the_commands_whole_process_group() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let pids = dir.join("pids");
+    let (mut run, _out) = spawn(&[
+        "run",
+        "--grace",
+        "5",
+        &name,
+        "-c",
+        &pipeline_writing_pids(&pids),
+    ]);
+    let procs = wait_for_pids(&pids, 2);
+    let mut admin = admin();
+    let backend = backend_of(&mut admin, run.id());
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&backend])
+        .unwrap();
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(75));
+    wait_until("the pipeline is gone", LONG, || {
+        procs.iter().all(|&p| gone(p))
+    });
+
+    // A forwarded signal reaches the whole group too; and what the command leaves
+    // running in its group when it exits is killed before the unlock.
+    let _ = std::fs::remove_file(&pids);
+    let script = format!(
+        "sh -c 'trap \"echo got TERM >> {0}.term; exit 0\" TERM; echo $$ >> {0}; \
+         while :; do sleep 0.01; done' & trap : TERM; wait; wait",
+        pids.display()
+    );
+    let (mut run, _out) = spawn(&["run", &name, "-c", &script]);
+    wait_for_pids(&pids, 1);
+    signal(run.id(), "TERM");
+    wait_exit(&mut run, LONG);
+    let term = std::fs::read_to_string(format!("{}.term", pids.display())).unwrap_or_default();
+    assert_eq!(term, "got TERM\n");
+
+    let _ = std::fs::remove_file(&pids);
+    let script = format!(
+        "sh -c 'echo $$ >> {0}; exec sleep 300' & echo left behind",
+        pids.display()
+    );
+    let out = output(pglock().args(["run", &name, "-c", &script]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let procs = wait_for_pids(&pids, 1);
+    wait_until("the background job is gone", LONG, || gone(procs[0]));
+}
+
 #[test]
 fn a_terminated_session_terminates_the_command_with_the_lock_lost_code() {
     let name = unique_name!();

@@ -14,8 +14,8 @@ Exit codes:
            -w SECS (change it with -E/--conflict-exit-code)
   75       pglock run: the lock was lost while the command ran (its session was
            terminated or its connection dropped; with --lease, the lease could not be
-           renewed in time or the server found it expired); the command got SIGTERM,
-           and SIGKILL after --grace SECS
+           renewed in time or the server found it expired); the command's process
+           group got SIGTERM, and SIGKILL after --grace SECS
   76       pglock lease heartbeat|release: the token does not hold the lease any more
            (it expired, was released, or was taken over)
   126, 127 pglock run: the command could not be executed, or was not found
@@ -61,12 +61,18 @@ Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no s
 child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
 same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
 pool_mode=transaction): connect directly or in session mode, or use --lease.\n\n\
-Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the command \
-(a terminal's Ctrl-C already reaches both, and is not sent twice); while pglock still waits \
-for the lock they end it with 128+N. The command never outlives pglock, even when pglock is \
-killed with SIGKILL (Linux's parent-death signal). If the lock is lost while the command \
-runs (an administrator's pg_terminate_backend, a dropped connection), pglock sends the \
-command SIGTERM at once, SIGKILL after --grace, and exits with 75.\n\n\
+The command runs in a process group of its own, with everything it starts (unless that \
+leaves the group with setsid or setpgid), and pglock always signals the whole group. \
+Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the group; \
+while pglock still waits for the lock they end it with 128+N. When pglock's group owns the \
+terminal on stdin, the command's group gets the terminal while it runs (Ctrl-C and Ctrl-\\ \
+reach it directly; Ctrl-Z is not supported). When the command exits, whatever it left \
+running in its group is killed with SIGKILL before the unlock. The group never outlives \
+pglock, even when pglock is killed with SIGKILL (a supervisor process with Linux's \
+parent-death signal kills it). If the lock is lost while the command runs (an \
+administrator's pg_terminate_backend, a dropped connection), pglock sends the group \
+SIGTERM at once, SIGKILL after --grace (or once the command itself ended), and exits with \
+75.\n\n\
 The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
 pg_stat_activity and in `pglock status`.\n\n\
 --lease SECS holds a lease instead: a row in a table (pglock_leases, or --table \
