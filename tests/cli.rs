@@ -584,6 +584,25 @@ fn bad_input_is_a_usage_error_or_unavailable() {
     );
 }
 
+/// Malformed URLs never show their password (nor, when they cannot be understood, any of
+/// themselves).
+#[test]
+fn malformed_connection_strings_never_show_the_password() {
+    for dsn in [
+        "postgres://u:pa/ss@h:x/db",
+        "postgres://u:pa?ss@h:x/db",
+        "POSTGRES://u:SECRET@h:x/db",
+        "postgres:/u:SECRET@h/db",
+    ] {
+        let out = output(pglock().args(["--dsn", dsn, "run", "x", "--", "true"]));
+        let err = stderr(&out);
+        assert!(matches!(out.status.code(), Some(64 | 69)), "{dsn}: {err}");
+        for secret in ["SECRET", "pa/ss", "pa?ss", "ss@"] {
+            assert!(!err.contains(secret), "{dsn}: {err}");
+        }
+    }
+}
+
 #[test]
 fn the_pg_variables_are_used_without_a_dsn() {
     let config = common::config();
@@ -1348,4 +1367,327 @@ fn lease_and_slot_options_that_cannot_work_are_usage_errors() {
     usage(&["lease", "release", "x", "--token", "soon"]);
     usage(&["lease", "acquire", ""]);
     usage(&["lease", "get", "x", "--table", "a.b.c"]);
+}
+
+// --- Sessions an advisory lock cannot trust, and session settings ---
+
+/// The server's host and port, from `DATABASE_URL`.
+fn server_host_port() -> (String, u16) {
+    let config = common::config();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// An advisory run through a transaction-mode pooler is refused (69), naming `--lease`;
+/// `--direct` skips the check. (`--lease` through it works:
+/// `lease_runs_never_overlap_also_through_pgbouncer_and_tokens_increase`.)
+#[test]
+fn an_advisory_run_through_a_transaction_mode_pooler_is_refused() {
+    let name = unique_name!();
+    let bouncer = bouncer_url();
+    let out = output(pglock().args(["--dsn", &bouncer, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "the command must not run");
+    let err = stderr(&out);
+    assert!(err.contains("pooler"), "{err}");
+    assert!(err.contains("--lease"), "{err}");
+    assert!(err.contains("--direct"), "{err}");
+    // Slots are session advisory locks too.
+    let out = output(pglock().args([
+        "--dsn", &bouncer, "run", "--slots", "2", &name, "--", "echo", "ran",
+    ]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    // --direct: the user's word against the ports' (a NAT, a published port).
+    let out = output(pglock().args([
+        "--dsn", &bouncer, "run", "--direct", &name, "--", "echo", "ran",
+    ]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+    // A direct connection passes the check.
+    let out = output(pglock().args(["run", &name, "--", "echo", "ran"]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+}
+
+/// A role's `idle_session_timeout` does not end pglock's own session while the command
+/// runs and pglock sends nothing.
+#[test]
+fn idle_session_timeout_does_not_end_a_long_run() {
+    let name = unique_name!();
+    let role = "pglock_cli_idle_session";
+    let mut admin = admin();
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+             ALTER ROLE {role} SET idle_session_timeout = '500ms'"
+        ))
+        .unwrap();
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .unwrap()
+        .get(0);
+    let (host, port) = server_host_port();
+    let dsn = format!("host={host} port={port} user={role} dbname=postgres");
+    let out = output(pglock().args(["--dsn", &dsn, "run", &name, "--", "sleep", "2"]));
+    admin.batch_execute(&format!("DROP ROLE {role}")).unwrap();
+    if version < 140000 {
+        eprintln!("PostgreSQL before 14 has no idle_session_timeout");
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// pglock hashes UTF-8 bytes; a database in another encoding hashes a non-ASCII name
+/// differently. `run` and `key --dsn` say so.
+#[test]
+fn a_non_ascii_name_in_a_non_utf8_database_is_warned_about() {
+    let db = "pglock_cli_latin1";
+    let mut admin = admin();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} ENCODING 'LATIN1' TEMPLATE template0 \
+             LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .unwrap();
+    let (host, port) = server_host_port();
+    let dsn = format!("host={host} port={port} user=postgres dbname={db}");
+    let name = format!("{}/café", unique_name!());
+    let out = output(pglock().args(["--dsn", &dsn, "run", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("encoding is LATIN1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = output(pglock().args(["--dsn", &dsn, "key", &name]));
+    assert!(
+        stderr(&out).contains("encoding is LATIN1"),
+        "{}",
+        stderr(&out)
+    );
+    // ASCII names, and UTF-8 databases, are fine.
+    let out = output(pglock().args(["--dsn", &dsn, "run", "ascii", "--", "true"]));
+    assert_eq!(stderr(&out), "");
+    let out = output(pglock().args(["run", &name, "--", "true"]));
+    assert_eq!(stderr(&out), "");
+    admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+}
+
+#[test]
+fn a_name_may_start_with_a_hyphen() {
+    let name = format!("-{}", unique_name!());
+    for args in [
+        vec![
+            "run",
+            "-n",
+            "--",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $PGLOCK_NAME",
+        ],
+        vec![
+            "run",
+            "-n",
+            "--name",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $PGLOCK_NAME",
+        ],
+    ] {
+        let out = output(pglock().args(&args));
+        assert_eq!(
+            stdout(&out),
+            format!("{name}\n"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// A hot standby of the test server, made with `pg_basebackup -R` and started with the
+/// same binaries on a free port (as the server's OS user when the tests run as root);
+/// stopped and deleted when dropped.
+struct Standby {
+    dir: PathBuf,
+    pg_ctl: PathBuf,
+    runas: Vec<String>,
+    port: u16,
+}
+
+impl Standby {
+    fn start(test: &str) -> Standby {
+        let mut admin = admin();
+        let version: i32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .unwrap()
+            .get(0);
+        let bindir = PathBuf::from(format!("/usr/lib/postgresql/{}/bin", version / 10000));
+        let bindir = if bindir.join("pg_basebackup").exists() {
+            bindir
+        } else {
+            let out = Command::new("pg_config").arg("--bindir").output().unwrap();
+            PathBuf::from(stdout(&out).trim())
+        };
+        let dir = scratch(test);
+        let root = Command::new("id").arg("-u").output().unwrap();
+        let runas: Vec<String> = if stdout(&root).trim() == "0" {
+            // The server's files are its user's, as in ci/with-postgres.
+            let data: String = admin
+                .query_one("SELECT current_setting('data_directory')", &[])
+                .unwrap()
+                .get(0);
+            let owner = Command::new("stat")
+                .args(["-c", "%U", &data])
+                .output()
+                .unwrap();
+            let user = stdout(&owner).trim().to_owned();
+            assert!(Command::new("chown")
+                .args([&user, dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success());
+            vec!["runuser".into(), "-u".into(), user, "--".into()]
+        } else {
+            Vec::new()
+        };
+        let (host, primary_port) = server_host_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.join("data");
+        let run = |program: PathBuf, args: &[&str]| {
+            let mut cmd = match runas.split_first() {
+                Some((first, rest)) => {
+                    let mut cmd = Command::new(first);
+                    cmd.args(rest).arg(&program);
+                    cmd
+                }
+                None => Command::new(&program),
+            };
+            let out = output(cmd.args(args));
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            assert!(
+                out.status.success(),
+                "{program:?} {args:?}: {}\n{log}",
+                stderr(&out)
+            );
+        };
+        run(
+            bindir.join("pg_basebackup"),
+            &[
+                "-h",
+                &host,
+                "-p",
+                &primary_port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        // A standby needs these at least as large as on the primary.
+        let settings: Vec<String> = [
+            "max_connections",
+            "max_worker_processes",
+            "max_wal_senders",
+            "max_prepared_transactions",
+            "max_locks_per_transaction",
+        ]
+        .iter()
+        .map(|setting| {
+            let value: String = admin
+                .query_one("SELECT current_setting($1)", &[setting])
+                .unwrap()
+                .get(0);
+            format!("-c {setting}={value}")
+        })
+        .collect();
+        let settings = settings.join(" ");
+        let standby = Standby {
+            dir: dir.clone(),
+            pg_ctl: bindir.join("pg_ctl"),
+            runas: runas.clone(),
+            port,
+        };
+        run(
+            bindir.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                dir.join("log").to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &format!(
+                    "-c listen_addresses=127.0.0.1 -p {port} -k {} -c ssl=off -c fsync=off \
+                     {settings}",
+                    dir.display()
+                ),
+                "start",
+            ],
+        );
+        standby
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let mut cmd = match self.runas.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(&self.pg_ctl);
+                cmd
+            }
+            None => Command::new(&self.pg_ctl),
+        };
+        let _ = cmd
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An advisory lock on a hot standby excludes nobody on the primary: refused (69).
+/// With several hosts, pglock asks for the primary (target_session_attrs=read-write).
+#[test]
+fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
+    let name = unique_name!();
+    let standby = Standby::start("standby");
+    let standby_url = format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port);
+    let out = output(pglock().args(["--dsn", &standby_url, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert!(stderr(&out).contains("standby"), "{}", stderr(&out));
+
+    let (host, port) = server_host_port();
+    let both = format!(
+        "host=127.0.0.1,{host} port={},{port} user=postgres dbname=postgres",
+        standby.port
+    );
+    let out = output(pglock().args(["--dsn", &both, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use crate::Fail;
+
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   N        pglock run: the command's own exit code, verbatim
@@ -94,7 +96,8 @@ the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them); t
 cannot wait for any one of N locks, so pglock polls them (10 ms up to 1 s apart). The \
 child gets PGLOCK_SLOT.",
         override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
-                          pglock run [OPTIONS] NAME -c SHELL_COMMAND",
+                          pglock run [OPTIONS] NAME -c SHELL_COMMAND\n       \
+                          pglock run [OPTIONS] -- -NAME -- COMMAND [ARGS]...",
         group(ArgGroup::new("what").required(true).args(["shell", "command"])),
         after_help = EXIT_CODES
     )]
@@ -151,8 +154,28 @@ query, client address, state and holders' since."))]
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// The lock's name (the key is hashtextextended(NAME, 0))
+    /// The lock's name (the key is hashtextextended(NAME, 0) in a UTF-8 database). One
+    /// that starts with `-` goes after `--name`, or after `--`: `run -n -- -x -- true`
+    #[arg(id = "NAME", value_name = "NAME", allow_hyphen_values = true)]
+    pub(crate) name_positional: Option<String>,
+
+    /// The lock's name, for one that starts with `-`
+    #[arg(
+        long = "name",
+        value_name = "NAME",
+        conflicts_with = "NAME",
+        allow_hyphen_values = true
+    )]
+    pub(crate) name_option: Option<String>,
+
+    /// The name, from either of the two above (set after parsing).
+    #[arg(skip)]
     pub(crate) name: String,
+
+    /// The connection is direct, whatever its ports say: skip the check for a pooler
+    /// (for a NAT or a container's published port, where the server's port differs)
+    #[arg(long, conflicts_with = "lease")]
+    pub(crate) direct: bool,
 
     /// Fail at once (exit 1, or -E) if the lock is busy
     #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
@@ -331,6 +354,32 @@ pub(crate) struct LeaseGetArgs {
     pub(crate) table: TableArgs,
 }
 
+impl RunArgs {
+    /// Fills `name` from the positional NAME, `--name`, or `-- NAME -- COMMAND...` (a
+    /// name that starts with `-`, after the `--` that ends the options).
+    pub(crate) fn resolved(mut self) -> Result<RunArgs, Fail> {
+        let name = match (self.name_positional.take(), self.name_option.take()) {
+            (Some(name), _) | (None, Some(name)) => name,
+            (None, None) if self.command.len() >= 3 && self.command[1] == "--" => {
+                let name = self.command[0]
+                    .clone()
+                    .into_string()
+                    .map_err(|_| Fail::usage("the lock name is not valid UTF-8".to_owned()))?;
+                self.command.drain(..2);
+                name
+            }
+            (None, None) => {
+                return Err(Fail::usage(
+                    "no lock name: give NAME, or --name NAME (or `-- NAME -- COMMAND...`) \
+                     for one that starts with `-`",
+                ))
+            }
+        };
+        self.name = name;
+        Ok(self)
+    }
+}
+
 /// A number of slots: 1 up to i32::MAX (slots are PostgreSQL integers).
 fn parse_slots(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
@@ -377,6 +426,28 @@ mod tests {
         assert!(parse_secs("inf").is_err());
         assert!(parse_secs("1e10").is_err());
         assert!(parse_secs("soon").is_err());
+    }
+
+    fn run_args(argv: &[&str]) -> Option<RunArgs> {
+        match Cli::try_parse_from(argv).ok()?.command {
+            Command::Run(run) => run.resolved().ok(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn names_may_start_with_a_hyphen() {
+        let run = run_args(&["pglock", "run", "-n", "--", "-x", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.nonblock), ("-x", true));
+        assert_eq!(run.command, ["true"]);
+        let run = run_args(&["pglock", "run", "--name", "-x", "-n", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.nonblock), ("-x", true));
+        let run = run_args(&["pglock", "run", "-n", "-weird", "--", "true"]).unwrap();
+        assert_eq!(run.name, "-weird");
+        let run = run_args(&["pglock", "run", "-x", "plain", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.exclusive), ("plain", true));
+        assert!(run_args(&["pglock", "run", "--name", "a", "b", "--", "true"]).is_none());
+        assert!(run_args(&["pglock", "run", "--", "true"]).is_none());
     }
 
     #[test]

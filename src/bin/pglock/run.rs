@@ -33,7 +33,7 @@ use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 
 use crate::args::RunArgs;
-use crate::conn::{FirstThenConnect, Pool, Target};
+use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::{check_name, exec, lease, show, Fail, EX_LOCK_LOST};
 
 /// The longest the main thread blocks on the connection before it looks at the child:
@@ -100,7 +100,15 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
     let pool = target.connect(
         &application_name(&args.name, &hostname(), std::process::id()),
         // A lease works through a transaction-mode pooler: no session settings then.
-        lease.is_none(),
+        // An advisory lock needs a primary, and no pooler in between.
+        match lease {
+            Some(_) => Session::Lease,
+            None => Session::Advisory {
+                // Slot keys are numbers: no name is hashed by the server.
+                name: args.slots.is_none().then_some(args.name.as_str()),
+                direct: args.direct,
+            },
+        },
     )?;
     let start = Instant::now();
     let hold = match &lease {
