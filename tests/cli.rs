@@ -864,6 +864,21 @@ fn help_documents_the_exit_codes() {
         "lease - 2 x heartbeat - lease/10",
         "--slots",
         "pglock polls them",
+        "--direct",
+        "pg_is_in_recovery()",
+        "idle_session_timeout = 0",
+        "UTF-8",
+        "--name",
+    ] {
+        assert!(help.contains(needle), "{needle:?} not in\n{help}");
+    }
+    let out = output(pglock().args(["--help"]));
+    let help = stdout(&out);
+    for needle in [
+        "PGPASSWORD",
+        "~/.pgpass",
+        "PGSERVICE",
+        "target_session_attrs",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }

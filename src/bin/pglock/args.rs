@@ -22,13 +22,18 @@ Exit codes:
            (it expired, was released, or was taken over)
   126, 127 pglock run: the command could not be executed, or was not found
   64       usage error: bad option, missing command, bad name or connection string
-  69       the database is unreachable (connection refused, authentication failed)
+  69       the database is unreachable (connection refused, authentication failed), or
+           pglock run refused it for an advisory lock: a standby, or a pooler
   70       any other failure of pglock itself";
 
 const CONNECTION: &str = "\
 Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, else
-libpq's variables PGHOST (default localhost), PGPORT, PGUSER (default $USER),
-PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. No TLS. Passwords are never printed.";
+exactly these of libpq's variables: PGHOST (default localhost; a comma-separated list),
+PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. No other PG*
+variable is read (not PGSERVICE, PGSSLMODE, PGOPTIONS, PGPASSFILE), nor ~/.pgpass: give
+the password in the DSN or PGPASSWORD. No TLS. With several hosts, pglock asks for the
+primary (target_session_attrs=read-write) unless the DSN says otherwise. Passwords are
+never printed.";
 
 /// Distributed locks on PostgreSQL advisory locks, from the shell.
 #[derive(Debug, Parser)]
@@ -63,6 +68,17 @@ Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no s
 child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
 same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
 pool_mode=transaction): connect directly or in session mode, or use --lease.\n\n\
+Before locking, pglock checks its session and refuses (exit 69): a hot standby \
+(pg_is_in_recovery(); a lock there excludes nobody on the primary), and a pooler in \
+between, seen as a server port (inet_server_port()) that is not the port pglock connected \
+to, or as two statements answered by two server sessions (pg_backend_pid()). A NAT or a \
+container's published port also changes the port: pass --direct for such a direct \
+connection. A pooler on the same port as its server, or on a Unix socket, is not \
+detected. The session gets idle_session_timeout = 0 (a role's or database's timeout would \
+end it, and the lock, while the command runs).\n\n\
+NAME is hashed by pglock as UTF-8: in a database whose encoding is not UTF8, SQL's \
+hashtextextended(NAME, 0) takes another lock for a name that is not ASCII, and pglock \
+warns. A NAME that starts with `-` goes after --name, or as `-- NAME -- COMMAND...`.\n\n\
 The command runs in a process group of its own, with everything it starts (unless that \
 leaves the group with setsid or setpgid), and pglock always signals the whole group. \
 Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the group; \
@@ -106,7 +122,10 @@ child gets PGLOCK_SLOT.",
     /// Print a name's lock key, its pg_locks coordinates, and the SQL that takes it
     #[command(
         long_about = "Print a name's lock key, its pg_locks coordinates, and the SQL \
-that takes it. Needs no server.\n\n\
+that takes it. Needs no server. The SQL takes the same lock in UTF-8 databases (and for \
+ASCII names in any): pglock hashes the name's UTF-8 bytes, the server its own encoding's. \
+With --dsn and a name that is not ASCII, pglock asks the server and warns if its encoding \
+is not UTF8.\n\n\
 With --slots N, also the N keys of `pglock run NAME --slots N` (without --lease): slot i is \
 the pair key (K, i), where K is the upper 32 bits of the name's 64-bit key \
 ((hashtextextended(NAME, 0) >> 32)::int4), that is pg_advisory_lock(K, i), shown in pg_locks \
