@@ -1706,3 +1706,56 @@ fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
     let out = output(pglock().args(["--dsn", &both, "run", &name, "--", "echo", "ran"]));
     assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
 }
+
+/// On a terminal (a pseudo-terminal from script(1)), the command's group gets the
+/// terminal: it reads it without being stopped (SIGTTIN), and Ctrl-C reaches it.
+#[test]
+fn on_a_terminal_the_command_reads_it_and_gets_ctrl_c() {
+    use std::io::Write;
+    let name = unique_name!();
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("no script(1): skipped");
+        return;
+    }
+    let inner = "read l; echo got $l; trap 'echo got INT; exit 5' INT; echo ready; \
+                 while :; do sleep 0.01; done";
+    let cmd = format!(
+        "exec {BIN} run '{name}' -- sh -c \"{inner}\"",
+        inner = inner.replace('"', "\\\"").replace('$', "\\$")
+    );
+    let mut run = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("DATABASE_URL", common::database_url())
+        .env("SHELL", "/bin/sh")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = BufReader::new(run.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin = run.stdin.take().unwrap();
+    let expect = |want: &str| loop {
+        let line = rx
+            .recv_timeout(LONG)
+            .unwrap_or_else(|_| panic!("no {want:?}"));
+        if line.trim_end().ends_with(want) {
+            break;
+        }
+    };
+    stdin.write_all(b"hello\n").unwrap();
+    expect("got hello");
+    expect("ready");
+    stdin.write_all(b"\x03").unwrap();
+    expect("got INT");
+    let status = wait_exit(&mut run, LONG);
+    assert_eq!(status.code(), Some(5), "{}", child_stderr(&mut run));
+}
