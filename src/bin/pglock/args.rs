@@ -73,7 +73,7 @@ Before locking, pglock checks its session and refuses (exit 69): a hot standby \
 between, seen as a server port (inet_server_port()) that is not the port pglock connected \
 to, or as two statements answered by two server sessions (pg_backend_pid()). A NAT or a \
 container's published port also changes the port: pass --direct for such a direct \
-connection. A pooler on the same port as its server, or on a Unix socket, is not \
+connection, and for a pooler in session mode (which works, but looks the same). A pooler on the same port as its server, or on a Unix socket, is not \
 detected. The session gets idle_session_timeout = 0 (a role's or database's timeout would \
 end it, and the lock, while the command runs).\n\n\
 NAME is hashed by pglock as UTF-8: in a database whose encoding is not UTF8, SQL's \
@@ -192,7 +192,7 @@ pub(crate) struct RunArgs {
     pub(crate) name: String,
 
     /// The connection is direct, whatever its ports say: skip the check for a pooler
-    /// (for a NAT or a container's published port, where the server's port differs)
+    /// (a NAT or a published port, where the server's port differs; a session-mode pooler)
     #[arg(long, conflicts_with = "lease")]
     pub(crate) direct: bool,
 

@@ -182,7 +182,8 @@ pub(crate) fn refuse_session(facts: &SessionFacts, ports: &[u16], direct: bool) 
          advisory lock through a transaction-mode pooler (PgBouncer pool_mode=transaction) \
          excludes nobody and may be lost or stranded unnoticed; use --lease, which works \
          through poolers, or connect to the server directly. If the connection is direct \
-         and only its port is mapped (NAT, a container's published port), pass --direct"
+         and only its port is mapped (NAT, a container's published port), or the pooler \
+         is in session mode, pass --direct"
     ))
 }
 
