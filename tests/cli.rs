@@ -1759,3 +1759,35 @@ fn on_a_terminal_the_command_reads_it_and_gets_ctrl_c() {
     let status = wait_exit(&mut run, LONG);
     assert_eq!(status.code(), Some(5), "{}", child_stderr(&mut run));
 }
+
+/// `PGPASSFILE` (else `~/.pgpass`) is read as libpq reads it, and, like libpq, refused
+/// when others may read it. (The test server trusts every login, so the password's use
+/// itself is pinned by the unit test `pgpass_lines_match_like_libpq`.)
+#[test]
+fn a_password_file_others_may_read_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let file = dir.join("pgpass");
+    std::fs::write(&file, "*:*:*:*:not-used\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = output(
+        pglock()
+            .env("PGPASSFILE", &file)
+            .args(["run", &name, "--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("group or world access"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = output(
+        pglock()
+            .env("PGPASSFILE", &file)
+            .args(["run", &name, "--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+}

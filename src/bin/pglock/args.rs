@@ -29,11 +29,12 @@ Exit codes:
 const CONNECTION: &str = "\
 Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, else
 exactly these of libpq's variables: PGHOST (default localhost; a comma-separated list),
-PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. No other PG*
-variable is read (not PGSERVICE, PGSSLMODE, PGOPTIONS, PGPASSFILE), nor ~/.pgpass: give
-the password in the DSN or PGPASSWORD. No TLS. With several hosts, pglock asks for the
-primary (target_session_attrs=read-write) unless the DSN says otherwise. Passwords are
-never printed.";
+PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. Without a
+password, it is looked up in PGPASSFILE, else ~/.pgpass, as libpq does (one host only;
+not read if group or others may read it). No other PG* variable is read (not PGSERVICE,
+PGSSLMODE, PGOPTIONS). No TLS. With several hosts, pglock asks for the primary
+(target_session_attrs=read-write) unless the DSN says otherwise. Passwords are never
+printed.";
 
 /// Distributed locks on PostgreSQL advisory locks, from the shell.
 #[derive(Debug, Parser)]

@@ -47,6 +47,11 @@ impl Target {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
+        if config.get_password().is_none() {
+            if let Some(password) = password_from_file(&config) {
+                config.password(password);
+            }
+        }
         // With several hosts, one may be a standby, where a lock excludes nobody on the
         // primary (and a lease cannot be written): ask for the primary unless the
         // settings choose otherwise.
@@ -352,6 +357,82 @@ pub(crate) fn config_from_pg_env(var: impl Fn(&str) -> Option<String>) -> Result
     Ok(config)
 }
 
+/// The password file: `PGPASSFILE`, else `~/.pgpass`, as libpq reads it: ignored when
+/// group or others may read it (with a warning), and when the settings name several
+/// hosts (a connection has one password here).
+fn password_from_file(config: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = match std::env::var_os("PGPASSFILE").filter(|p| !p.is_empty()) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".pgpass"),
+    };
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "pglock: warning: password file {} has group or world access; permissions \
+             should be u=rw (0600) or less; not read",
+            path.display()
+        );
+        return None;
+    }
+    let [host] = config.get_hosts() else {
+        return None;
+    };
+    let host = match host {
+        postgres::config::Host::Tcp(name) => name.clone(),
+        // libpq matches a Unix socket against "localhost".
+        postgres::config::Host::Unix(_) => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user()?;
+    let db = config.get_dbname().unwrap_or(user);
+    let text = std::fs::read_to_string(&path).ok()?;
+    pgpass_lookup(&text, [&host, &port, db, user])
+}
+
+/// The password of the first line of a `.pgpass` file that matches `host:port:db:user`
+/// (`*` matches anything; `\:` and `\\` are a literal `:` and `\`; `#` starts a comment
+/// line).
+pub(crate) fn pgpass_lookup(text: &str, wanted: [&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut fields: Vec<String> = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        fields.last_mut()?.push(next);
+                    }
+                }
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                c => fields.last_mut()?.push(c),
+            }
+        }
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = fields[..4]
+            .iter()
+            .zip(wanted)
+            .all(|(field, want)| field == "*" || field == want);
+        if matches {
+            return fields.pop();
+        }
+    }
+    None
+}
+
 /// `host=a,b port=5432 user=u dbname=d`, from the settings: never the password.
 pub(crate) fn describe(config: &Config) -> String {
     let hosts: Vec<String> = config
@@ -643,6 +724,26 @@ mod tests {
         assert_eq!(encoding_warning("cafe", "LATIN1"), None);
         assert!(encoding_warning("café", "LATIN1").is_some());
         assert!(encoding_warning("café", "SQL_ASCII").is_some());
+    }
+
+    #[test]
+    fn pgpass_lines_match_like_libpq() {
+        let text = "# comment\n\
+                    db.example:5432:app:alice:first\n\
+                    *:*:*:bob:b\\:pw\\\\x\n\
+                    short:line\n\
+                    *:*:*:*:fallback:with:colons\n";
+        let find = |w: [&str; 4]| pgpass_lookup(text, w);
+        assert_eq!(
+            find(["db.example", "5432", "app", "alice"]).as_deref(),
+            Some("first")
+        );
+        assert_eq!(find(["h", "1", "d", "bob"]).as_deref(), Some("b:pw\\x"));
+        assert_eq!(
+            find(["db.example", "5433", "app", "alice"]).as_deref(),
+            Some("fallback:with:colons")
+        );
+        assert_eq!(pgpass_lookup("h:1:d:u:p", ["h", "1", "d", "v"]), None);
     }
 
     #[test]
