@@ -361,6 +361,96 @@ fn pglock_killed_with_sigkill_takes_its_command_along() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// A pipeline whose two processes write their pids to `pids`, one a line, then run on.
+fn pipeline_writing_pids(pids: &Path) -> String {
+    format!(
+        "sh -c 'echo $$ >> {0}; exec sleep 300' | sh -c 'echo $$ >> {0}; exec cat'",
+        pids.display()
+    )
+}
+
+/// The pids in `file`, once it has `n` of them.
+fn wait_for_pids(file: &Path, n: usize) -> Vec<u32> {
+    let mut pids = Vec::new();
+    wait_until("the pids are written", LONG, || {
+        pids = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        pids.len() >= n
+    });
+    pids
+}
+
+/// Grandchildren too: the command's process group goes with pglock.
+#[test]
+fn pglock_killed_with_sigkill_takes_the_commands_whole_process_group_along() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let pids = dir.join("pids");
+    let (mut run, _out) = spawn(&["run", &name, "-c", &pipeline_writing_pids(&pids)]);
+    let procs = wait_for_pids(&pids, 2);
+    assert!(procs.iter().all(|&p| !gone(p)), "{procs:?}");
+    signal(run.id(), "KILL");
+    wait_exit(&mut run, LONG);
+    let start = Instant::now();
+    wait_until("the pipeline is gone", LONG, || {
+        procs.iter().all(|&p| gone(p))
+    });
+    eprintln!("pipeline gone {:?} after pglock's SIGKILL", start.elapsed());
+}
+
+#[test]
+fn a_lost_lock_stops_the_commands_whole_process_group() {
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let pids = dir.join("pids");
+    let (mut run, _out) = spawn(&[
+        "run",
+        "--grace",
+        "5",
+        &name,
+        "-c",
+        &pipeline_writing_pids(&pids),
+    ]);
+    let procs = wait_for_pids(&pids, 2);
+    let mut admin = admin();
+    let backend = backend_of(&mut admin, run.id());
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&backend])
+        .unwrap();
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(75));
+    wait_until("the pipeline is gone", LONG, || {
+        procs.iter().all(|&p| gone(p))
+    });
+
+    // A forwarded signal reaches the whole group too; and what the command leaves
+    // running in its group when it exits is killed before the unlock.
+    let _ = std::fs::remove_file(&pids);
+    let script = format!(
+        "sh -c 'trap \"echo got TERM >> {0}.term; exit 0\" TERM; echo $$ >> {0}; \
+         while :; do sleep 0.01; done' & trap : TERM; wait; wait",
+        pids.display()
+    );
+    let (mut run, _out) = spawn(&["run", &name, "-c", &script]);
+    wait_for_pids(&pids, 1);
+    signal(run.id(), "TERM");
+    wait_exit(&mut run, LONG);
+    let term = std::fs::read_to_string(format!("{}.term", pids.display())).unwrap_or_default();
+    assert_eq!(term, "got TERM\n");
+
+    let _ = std::fs::remove_file(&pids);
+    let script = format!(
+        "sh -c 'echo $$ >> {0}; exec sleep 300' & echo left behind",
+        pids.display()
+    );
+    let out = output(pglock().args(["run", &name, "-c", &script]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let procs = wait_for_pids(&pids, 1);
+    wait_until("the background job is gone", LONG, || gone(procs[0]));
+}
+
 #[test]
 fn a_terminated_session_terminates_the_command_with_the_lock_lost_code() {
     let name = unique_name!();
@@ -492,6 +582,25 @@ fn bad_input_is_a_usage_error_or_unavailable() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Malformed URLs never show their password (nor, when they cannot be understood, any of
+/// themselves).
+#[test]
+fn malformed_connection_strings_never_show_the_password() {
+    for dsn in [
+        "postgres://u:pa/ss@h:x/db",
+        "postgres://u:pa?ss@h:x/db",
+        "POSTGRES://u:SECRET@h:x/db",
+        "postgres:/u:SECRET@h/db",
+    ] {
+        let out = output(pglock().args(["--dsn", dsn, "run", "x", "--", "true"]));
+        let err = stderr(&out);
+        assert!(matches!(out.status.code(), Some(64 | 69)), "{dsn}: {err}");
+        for secret in ["SECRET", "pa/ss", "pa?ss", "ss@"] {
+            assert!(!err.contains(secret), "{dsn}: {err}");
+        }
+    }
 }
 
 #[test]
@@ -755,6 +864,21 @@ fn help_documents_the_exit_codes() {
         "lease - 2 x heartbeat - lease/10",
         "--slots",
         "pglock polls them",
+        "--direct",
+        "pg_is_in_recovery()",
+        "idle_session_timeout = 0",
+        "UTF-8",
+        "--name",
+    ] {
+        assert!(help.contains(needle), "{needle:?} not in\n{help}");
+    }
+    let out = output(pglock().args(["--help"]));
+    let help = stdout(&out);
+    for needle in [
+        "PGPASSWORD",
+        "~/.pgpass",
+        "PGSERVICE",
+        "target_session_attrs",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }
@@ -1258,4 +1382,412 @@ fn lease_and_slot_options_that_cannot_work_are_usage_errors() {
     usage(&["lease", "release", "x", "--token", "soon"]);
     usage(&["lease", "acquire", ""]);
     usage(&["lease", "get", "x", "--table", "a.b.c"]);
+}
+
+// --- Sessions an advisory lock cannot trust, and session settings ---
+
+/// The server's host and port, from `DATABASE_URL`.
+fn server_host_port() -> (String, u16) {
+    let config = common::config();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// An advisory run through a transaction-mode pooler is refused (69), naming `--lease`;
+/// `--direct` skips the check. (`--lease` through it works:
+/// `lease_runs_never_overlap_also_through_pgbouncer_and_tokens_increase`.)
+#[test]
+fn an_advisory_run_through_a_transaction_mode_pooler_is_refused() {
+    let name = unique_name!();
+    let bouncer = bouncer_url();
+    let out = output(pglock().args(["--dsn", &bouncer, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "the command must not run");
+    let err = stderr(&out);
+    assert!(err.contains("pooler"), "{err}");
+    assert!(err.contains("--lease"), "{err}");
+    assert!(err.contains("--direct"), "{err}");
+    // Slots are session advisory locks too.
+    let out = output(pglock().args([
+        "--dsn", &bouncer, "run", "--slots", "2", &name, "--", "echo", "ran",
+    ]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    // --direct: the user's word against the ports' (a NAT, a published port).
+    let out = output(pglock().args([
+        "--dsn", &bouncer, "run", "--direct", &name, "--", "echo", "ran",
+    ]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+    // A direct connection passes the check.
+    let out = output(pglock().args(["run", &name, "--", "echo", "ran"]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+}
+
+/// A role's `idle_session_timeout` does not end pglock's own session while the command
+/// runs and pglock sends nothing.
+#[test]
+fn idle_session_timeout_does_not_end_a_long_run() {
+    let name = unique_name!();
+    let role = "pglock_cli_idle_session";
+    let mut admin = admin();
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+             ALTER ROLE {role} SET idle_session_timeout = '500ms'"
+        ))
+        .unwrap();
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .unwrap()
+        .get(0);
+    let (host, port) = server_host_port();
+    let dsn = format!("host={host} port={port} user={role} dbname=postgres");
+    let out = output(pglock().args(["--dsn", &dsn, "run", &name, "--", "sleep", "2"]));
+    admin.batch_execute(&format!("DROP ROLE {role}")).unwrap();
+    if version < 140000 {
+        eprintln!("PostgreSQL before 14 has no idle_session_timeout");
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// pglock hashes UTF-8 bytes; a database in another encoding hashes a non-ASCII name
+/// differently. `run` and `key --dsn` say so.
+#[test]
+fn a_non_ascii_name_in_a_non_utf8_database_is_warned_about() {
+    let db = "pglock_cli_latin1";
+    let mut admin = admin();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} ENCODING 'LATIN1' TEMPLATE template0 \
+             LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .unwrap();
+    let (host, port) = server_host_port();
+    let dsn = format!("host={host} port={port} user=postgres dbname={db}");
+    let name = format!("{}/café", unique_name!());
+    let out = output(pglock().args(["--dsn", &dsn, "run", &name, "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("encoding is LATIN1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = output(pglock().args(["--dsn", &dsn, "key", &name]));
+    assert!(
+        stderr(&out).contains("encoding is LATIN1"),
+        "{}",
+        stderr(&out)
+    );
+    // ASCII names, and UTF-8 databases, are fine.
+    let out = output(pglock().args(["--dsn", &dsn, "run", "ascii", "--", "true"]));
+    assert_eq!(stderr(&out), "");
+    let out = output(pglock().args(["run", &name, "--", "true"]));
+    assert_eq!(stderr(&out), "");
+    admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+}
+
+#[test]
+fn a_name_may_start_with_a_hyphen() {
+    let name = format!("-{}", unique_name!());
+    for args in [
+        vec![
+            "run",
+            "-n",
+            "--",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $PGLOCK_NAME",
+        ],
+        vec![
+            "run",
+            "-n",
+            "--name",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $PGLOCK_NAME",
+        ],
+    ] {
+        let out = output(pglock().args(&args));
+        assert_eq!(
+            stdout(&out),
+            format!("{name}\n"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// A hot standby of the test server, made with `pg_basebackup -R` and started with the
+/// same binaries on a free port (as the server's OS user when the tests run as root);
+/// stopped and deleted when dropped.
+struct Standby {
+    dir: PathBuf,
+    pg_ctl: PathBuf,
+    runas: Vec<String>,
+    port: u16,
+}
+
+impl Standby {
+    fn start(test: &str) -> Standby {
+        let mut admin = admin();
+        let version: i32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .unwrap()
+            .get(0);
+        let bindir = PathBuf::from(format!("/usr/lib/postgresql/{}/bin", version / 10000));
+        let bindir = if bindir.join("pg_basebackup").exists() {
+            bindir
+        } else {
+            let out = Command::new("pg_config").arg("--bindir").output().unwrap();
+            PathBuf::from(stdout(&out).trim())
+        };
+        let dir = scratch(test);
+        let root = Command::new("id").arg("-u").output().unwrap();
+        let runas: Vec<String> = if stdout(&root).trim() == "0" {
+            // The server's files are its user's, as in ci/with-postgres.
+            let data: String = admin
+                .query_one("SELECT current_setting('data_directory')", &[])
+                .unwrap()
+                .get(0);
+            let owner = Command::new("stat")
+                .args(["-c", "%U", &data])
+                .output()
+                .unwrap();
+            let user = stdout(&owner).trim().to_owned();
+            assert!(Command::new("chown")
+                .args([&user, dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success());
+            vec!["runuser".into(), "-u".into(), user, "--".into()]
+        } else {
+            Vec::new()
+        };
+        let (host, primary_port) = server_host_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.join("data");
+        let run = |program: PathBuf, args: &[&str]| {
+            let mut cmd = match runas.split_first() {
+                Some((first, rest)) => {
+                    let mut cmd = Command::new(first);
+                    cmd.args(rest).arg(&program);
+                    cmd
+                }
+                None => Command::new(&program),
+            };
+            let out = output(cmd.args(args));
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            assert!(
+                out.status.success(),
+                "{program:?} {args:?}: {}\n{log}",
+                stderr(&out)
+            );
+        };
+        run(
+            bindir.join("pg_basebackup"),
+            &[
+                "-h",
+                &host,
+                "-p",
+                &primary_port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        // A standby needs these at least as large as on the primary.
+        let settings: Vec<String> = [
+            "max_connections",
+            "max_worker_processes",
+            "max_wal_senders",
+            "max_prepared_transactions",
+            "max_locks_per_transaction",
+        ]
+        .iter()
+        .map(|setting| {
+            let value: String = admin
+                .query_one("SELECT current_setting($1)", &[setting])
+                .unwrap()
+                .get(0);
+            format!("-c {setting}={value}")
+        })
+        .collect();
+        let settings = settings.join(" ");
+        let standby = Standby {
+            dir: dir.clone(),
+            pg_ctl: bindir.join("pg_ctl"),
+            runas: runas.clone(),
+            port,
+        };
+        run(
+            bindir.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                dir.join("log").to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &format!(
+                    "-c listen_addresses=127.0.0.1 -p {port} -k {} -c ssl=off -c fsync=off \
+                     {settings}",
+                    dir.display()
+                ),
+                "start",
+            ],
+        );
+        standby
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let mut cmd = match self.runas.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(&self.pg_ctl);
+                cmd
+            }
+            None => Command::new(&self.pg_ctl),
+        };
+        let _ = cmd
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An advisory lock on a hot standby excludes nobody on the primary: refused (69).
+/// With several hosts, pglock asks for the primary (target_session_attrs=read-write).
+#[test]
+fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
+    let name = unique_name!();
+    let standby = Standby::start("standby");
+    let standby_url = format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port);
+    let out = output(pglock().args(["--dsn", &standby_url, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert!(stderr(&out).contains("standby"), "{}", stderr(&out));
+
+    let (host, port) = server_host_port();
+    let both = format!(
+        "host=127.0.0.1,{host} port={},{port} user=postgres dbname=postgres",
+        standby.port
+    );
+    let out = output(pglock().args(["--dsn", &both, "run", &name, "--", "echo", "ran"]));
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+}
+
+/// On a terminal (a pseudo-terminal from script(1)), the command's group gets the
+/// terminal: it reads it without being stopped (SIGTTIN), and Ctrl-C reaches it.
+#[test]
+fn on_a_terminal_the_command_reads_it_and_gets_ctrl_c() {
+    use std::io::Write;
+    let name = unique_name!();
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("no script(1): skipped");
+        return;
+    }
+    let inner = "read l; echo got $l; trap 'echo got INT; exit 5' INT; echo ready; \
+                 while :; do sleep 0.01; done";
+    let cmd = format!(
+        "exec {BIN} run '{name}' -- sh -c \"{inner}\"",
+        inner = inner.replace('"', "\\\"").replace('$', "\\$")
+    );
+    let mut run = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("DATABASE_URL", common::database_url())
+        .env("SHELL", "/bin/sh")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = BufReader::new(run.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin = run.stdin.take().unwrap();
+    let expect = |want: &str| loop {
+        let line = rx
+            .recv_timeout(LONG)
+            .unwrap_or_else(|_| panic!("no {want:?}"));
+        if line.trim_end().ends_with(want) {
+            break;
+        }
+    };
+    stdin.write_all(b"hello\n").unwrap();
+    expect("got hello");
+    expect("ready");
+    stdin.write_all(b"\x03").unwrap();
+    expect("got INT");
+    let status = wait_exit(&mut run, LONG);
+    assert_eq!(status.code(), Some(5), "{}", child_stderr(&mut run));
+}
+
+/// `PGPASSFILE` (else `~/.pgpass`) is read as libpq reads it, and, like libpq, refused
+/// when others may read it. (The test server trusts every login, so the password's use
+/// itself is pinned by the unit test `pgpass_lines_match_like_libpq`.)
+#[test]
+fn a_password_file_others_may_read_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = unique_name!();
+    let dir = scratch(&name);
+    let file = dir.join("pgpass");
+    std::fs::write(&file, "*:*:*:*:not-used\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = output(
+        pglock()
+            .env("PGPASSFILE", &file)
+            .args(["run", &name, "--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("group or world access"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = output(
+        pglock()
+            .env("PGPASSFILE", &file)
+            .args(["run", &name, "--", "true"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
 }

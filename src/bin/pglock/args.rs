@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use crate::Fail;
+
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   N        pglock run: the command's own exit code, verbatim
@@ -14,19 +16,25 @@ Exit codes:
            -w SECS (change it with -E/--conflict-exit-code)
   75       pglock run: the lock was lost while the command ran (its session was
            terminated or its connection dropped; with --lease, the lease could not be
-           renewed in time or the server found it expired); the command got SIGTERM,
-           and SIGKILL after --grace SECS
+           renewed in time or the server found it expired); the command's process
+           group got SIGTERM, and SIGKILL after --grace SECS
   76       pglock lease heartbeat|release: the token does not hold the lease any more
            (it expired, was released, or was taken over)
   126, 127 pglock run: the command could not be executed, or was not found
   64       usage error: bad option, missing command, bad name or connection string
-  69       the database is unreachable (connection refused, authentication failed)
+  69       the database is unreachable (connection refused, authentication failed), or
+           pglock run refused it for an advisory lock: a standby, or a pooler
   70       any other failure of pglock itself";
 
 const CONNECTION: &str = "\
 Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, else
-libpq's variables PGHOST (default localhost), PGPORT, PGUSER (default $USER),
-PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. No TLS. Passwords are never printed.";
+exactly these of libpq's variables: PGHOST (default localhost; a comma-separated list),
+PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. Without a
+password, it is looked up in PGPASSFILE, else ~/.pgpass, as libpq does (one host only;
+not read if group or others may read it). No other PG* variable is read (not PGSERVICE,
+PGSSLMODE, PGOPTIONS). No TLS. With several hosts, pglock asks for the primary
+(target_session_attrs=read-write) unless the DSN says otherwise. Passwords are never
+printed.";
 
 /// Distributed locks on PostgreSQL advisory locks, from the shell.
 #[derive(Debug, Parser)]
@@ -61,12 +69,29 @@ Transaction-scoped locks (pg_advisory_xact_lock, the library's TxLock) make no s
 child process, which cannot run SQL in pglock's transaction, and are not offered; for the \
 same reason pglock cannot work through a transaction-mode pooler (PgBouncer \
 pool_mode=transaction): connect directly or in session mode, or use --lease.\n\n\
-Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the command \
-(a terminal's Ctrl-C already reaches both, and is not sent twice); while pglock still waits \
-for the lock they end it with 128+N. The command never outlives pglock, even when pglock is \
-killed with SIGKILL (Linux's parent-death signal). If the lock is lost while the command \
-runs (an administrator's pg_terminate_backend, a dropped connection), pglock sends the \
-command SIGTERM at once, SIGKILL after --grace, and exits with 75.\n\n\
+Before locking, pglock checks its session and refuses (exit 69): a hot standby \
+(pg_is_in_recovery(); a lock there excludes nobody on the primary), and a pooler in \
+between, seen as a server port (inet_server_port()) that is not the port pglock connected \
+to, or as two statements answered by two server sessions (pg_backend_pid()). A NAT or a \
+container's published port also changes the port: pass --direct for such a direct \
+connection, and for a pooler in session mode (which works, but looks the same). A pooler on the same port as its server, or on a Unix socket, is not \
+detected. The session gets idle_session_timeout = 0 (a role's or database's timeout would \
+end it, and the lock, while the command runs).\n\n\
+NAME is hashed by pglock as UTF-8: in a database whose encoding is not UTF8, SQL's \
+hashtextextended(NAME, 0) takes another lock for a name that is not ASCII, and pglock \
+warns. A NAME that starts with `-` goes after --name, or as `-- NAME -- COMMAND...`.\n\n\
+The command runs in a process group of its own, with everything it starts (unless that \
+leaves the group with setsid or setpgid), and pglock always signals the whole group. \
+Signals INT, TERM, HUP, QUIT, USR1 and USR2 sent to pglock are forwarded to the group; \
+while pglock still waits for the lock they end it with 128+N. When pglock's group owns the \
+terminal on stdin, the command's group gets the terminal while it runs (Ctrl-C and Ctrl-\\ \
+reach it directly; Ctrl-Z is not supported). When the command exits, whatever it left \
+running in its group is killed with SIGKILL before the unlock. The group never outlives \
+pglock, even when pglock is killed with SIGKILL (a supervisor process with Linux's \
+parent-death signal kills it). If the lock is lost while the command runs (an \
+administrator's pg_terminate_backend, a dropped connection), pglock sends the group \
+SIGTERM at once, SIGKILL after --grace (or once the command itself ended), and exits with \
+75.\n\n\
 The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
 pg_stat_activity and in `pglock status`.\n\n\
 --lease SECS holds a lease instead: a row in a table (pglock_leases, or --table \
@@ -88,7 +113,8 @@ the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them); t
 cannot wait for any one of N locks, so pglock polls them (10 ms up to 1 s apart). The \
 child gets PGLOCK_SLOT.",
         override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
-                          pglock run [OPTIONS] NAME -c SHELL_COMMAND",
+                          pglock run [OPTIONS] NAME -c SHELL_COMMAND\n       \
+                          pglock run [OPTIONS] -- -NAME -- COMMAND [ARGS]...",
         group(ArgGroup::new("what").required(true).args(["shell", "command"])),
         after_help = EXIT_CODES
     )]
@@ -97,7 +123,10 @@ child gets PGLOCK_SLOT.",
     /// Print a name's lock key, its pg_locks coordinates, and the SQL that takes it
     #[command(
         long_about = "Print a name's lock key, its pg_locks coordinates, and the SQL \
-that takes it. Needs no server.\n\n\
+that takes it. Needs no server. The SQL takes the same lock in UTF-8 databases (and for \
+ASCII names in any): pglock hashes the name's UTF-8 bytes, the server its own encoding's. \
+With --dsn and a name that is not ASCII, pglock asks the server and warns if its encoding \
+is not UTF8.\n\n\
 With --slots N, also the N keys of `pglock run NAME --slots N` (without --lease): slot i is \
 the pair key (K, i), where K is the upper 32 bits of the name's 64-bit key \
 ((hashtextextended(NAME, 0) >> 32)::int4), that is pg_advisory_lock(K, i), shown in pg_locks \
@@ -145,8 +174,28 @@ query, client address, state and holders' since."))]
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// The lock's name (the key is hashtextextended(NAME, 0))
+    /// The lock's name (the key is hashtextextended(NAME, 0) in a UTF-8 database). One
+    /// that starts with `-` goes after `--name`, or after `--`: `run -n -- -x -- true`
+    #[arg(id = "NAME", value_name = "NAME", allow_hyphen_values = true)]
+    pub(crate) name_positional: Option<String>,
+
+    /// The lock's name, for one that starts with `-`
+    #[arg(
+        long = "name",
+        value_name = "NAME",
+        conflicts_with = "NAME",
+        allow_hyphen_values = true
+    )]
+    pub(crate) name_option: Option<String>,
+
+    /// The name, from either of the two above (set after parsing).
+    #[arg(skip)]
     pub(crate) name: String,
+
+    /// The connection is direct, whatever its ports say: skip the check for a pooler
+    /// (a NAT or a published port, where the server's port differs; a session-mode pooler)
+    #[arg(long, conflicts_with = "lease")]
+    pub(crate) direct: bool,
 
     /// Fail at once (exit 1, or -E) if the lock is busy
     #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
@@ -325,6 +374,32 @@ pub(crate) struct LeaseGetArgs {
     pub(crate) table: TableArgs,
 }
 
+impl RunArgs {
+    /// Fills `name` from the positional NAME, `--name`, or `-- NAME -- COMMAND...` (a
+    /// name that starts with `-`, after the `--` that ends the options).
+    pub(crate) fn resolved(mut self) -> Result<RunArgs, Fail> {
+        let name = match (self.name_positional.take(), self.name_option.take()) {
+            (Some(name), _) | (None, Some(name)) => name,
+            (None, None) if self.command.len() >= 3 && self.command[1] == "--" => {
+                let name = self.command[0]
+                    .clone()
+                    .into_string()
+                    .map_err(|_| Fail::usage("the lock name is not valid UTF-8".to_owned()))?;
+                self.command.drain(..2);
+                name
+            }
+            (None, None) => {
+                return Err(Fail::usage(
+                    "no lock name: give NAME, or --name NAME (or `-- NAME -- COMMAND...`) \
+                     for one that starts with `-`",
+                ))
+            }
+        };
+        self.name = name;
+        Ok(self)
+    }
+}
+
 /// A number of slots: 1 up to i32::MAX (slots are PostgreSQL integers).
 fn parse_slots(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
@@ -371,6 +446,28 @@ mod tests {
         assert!(parse_secs("inf").is_err());
         assert!(parse_secs("1e10").is_err());
         assert!(parse_secs("soon").is_err());
+    }
+
+    fn run_args(argv: &[&str]) -> Option<RunArgs> {
+        match Cli::try_parse_from(argv).ok()?.command {
+            Command::Run(run) => run.resolved().ok(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn names_may_start_with_a_hyphen() {
+        let run = run_args(&["pglock", "run", "-n", "--", "-x", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.nonblock), ("-x", true));
+        assert_eq!(run.command, ["true"]);
+        let run = run_args(&["pglock", "run", "--name", "-x", "-n", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.nonblock), ("-x", true));
+        let run = run_args(&["pglock", "run", "-n", "-weird", "--", "true"]).unwrap();
+        assert_eq!(run.name, "-weird");
+        let run = run_args(&["pglock", "run", "-x", "plain", "--", "true"]).unwrap();
+        assert_eq!((run.name.as_str(), run.exclusive), ("plain", true));
+        assert!(run_args(&["pglock", "run", "--name", "a", "b", "--", "true"]).is_none());
+        assert!(run_args(&["pglock", "run", "--", "true"]).is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use pglock::postgres::config::TargetSessionAttrs;
 use pglock::postgres::{self, Client, Config, NoTls};
 use pglock::r2d2::{self, ManageConnection};
 use pglock::r2d2_postgres::PostgresConnectionManager;
@@ -30,6 +31,9 @@ impl Target {
                 _ => (None, "the PG* environment variables"),
             },
         };
+        let explicit_target_session_attrs = text
+            .as_deref()
+            .is_some_and(|t| t.to_ascii_lowercase().contains("target_session_attrs"));
         let mut config = match text {
             Some(text) => text.parse::<Config>().map_err(|e| {
                 Fail::usage(format!(
@@ -43,6 +47,17 @@ impl Target {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
+        if config.get_password().is_none() {
+            if let Some(password) = password_from_file(&config) {
+                config.password(password);
+            }
+        }
+        // With several hosts, one may be a standby, where a lock excludes nobody on the
+        // primary (and a lease cannot be written): ask for the primary unless the
+        // settings choose otherwise.
+        if config.get_hosts().len() > 1 && !explicit_target_session_attrs {
+            config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
         Ok(Target { config, source })
     }
 
@@ -52,14 +67,12 @@ impl Target {
     }
 
     /// Connects once, now, with `application_name` set: the connection the pool hands
-    /// out first. A failure is "unavailable" (69). With `session_settings`, it also sets
-    /// `client_connection_check_interval` for the session: never for leases, whose
-    /// connection may go through a transaction-mode pooler that would hand the setting
-    /// on to other clients.
+    /// out first. A failure is "unavailable" (69). See [`Session`] for what is checked
+    /// and set on the session.
     pub(crate) fn connect(
         &self,
         application_name: &str,
-        session_settings: bool,
+        session: Session<'_>,
     ) -> Result<Pool, Fail> {
         let mut config = self.config.clone();
         config.application_name(application_name);
@@ -71,14 +84,21 @@ impl Target {
                 crate::describe_pg(&e)
             ))
         })?;
-        // Where the server can (PostgreSQL 14 and later, on Linux), have it check every
-        // second that pglock is still connected while a statement runs: a pglock killed
-        // in the middle of its wait leaves no orphan waiter behind. Elsewhere the
-        // setting is refused, and the server notices only when the wait ends.
-        if session_settings {
-            if let Err(e) = client.batch_execute("SET client_connection_check_interval = 1000") {
-                let _ = e; // refused: an older server, or not Linux
-            }
+        if let Session::Advisory { name, direct } = session {
+            check_advisory_session(&mut client, &config, name, direct)?;
+        }
+        if session != Session::Lease {
+            // Where the server can (PostgreSQL 14 and later, on Linux), have it check
+            // every second that pglock is still connected while a statement runs: a
+            // pglock killed in the middle of its wait leaves no orphan waiter behind.
+            // Elsewhere the setting is refused, and the server notices only when the
+            // wait ends.
+            let _ = client.batch_execute("SET client_connection_check_interval = 1000");
+            // A role's or database's idle_session_timeout would end the session, and
+            // with it the lock, while the command runs and pglock sends nothing
+            // (PostgreSQL 14 and later; older servers refuse the setting, and have no
+            // such timeout).
+            let _ = client.batch_execute("SET idle_session_timeout = 0");
         }
         let timeout = config
             .get_connect_timeout()
@@ -94,6 +114,162 @@ impl Target {
             .connection_timeout(timeout.max(Duration::from_secs(1)))
             .build_unchecked(manager))
     }
+}
+
+/// What a connection is for, which decides what is checked and set on its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session<'a> {
+    /// A session advisory lock on the key of `name` (`None`: slot keys, no name to
+    /// hash on the server). The session must be on a primary and not behind a pooler
+    /// (unless `direct`), and gets `client_connection_check_interval = 1000` and
+    /// `idle_session_timeout = 0`.
+    Advisory { name: Option<&'a str>, direct: bool },
+    /// A lease: stateless statements that may go through a transaction-mode pooler,
+    /// which would hand session settings on to other clients. Nothing is set.
+    Lease,
+    /// `pglock status`: the session settings, no checks.
+    Inspect,
+}
+
+/// What the server says about an advisory lock's session, read in one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionFacts {
+    pub(crate) in_recovery: bool,
+    /// `inet_server_port()`: the port the server's end of the connection is on; `None`
+    /// over a Unix socket.
+    pub(crate) server_port: Option<i32>,
+    /// `pg_backend_pid()` in two separate statements.
+    pub(crate) backend_pids: (i32, i32),
+    pub(crate) server_encoding: String,
+}
+
+/// Why an advisory lock's session cannot be trusted, if it cannot: a standby, or a
+/// pooler in between. `ports` are the ports pglock may have connected to.
+pub(crate) fn refuse_session(facts: &SessionFacts, ports: &[u16], direct: bool) -> Option<String> {
+    if facts.in_recovery {
+        return Some(
+            "the server is a standby in recovery (pg_is_in_recovery() is true): an advisory \
+             lock there excludes nobody on the primary; connect to the primary (with several \
+             hosts, pglock asks for target_session_attrs=read-write unless the connection \
+             string sets it)"
+                .to_owned(),
+        );
+    }
+    if direct {
+        return None;
+    }
+    let port_differs = facts
+        .server_port
+        .is_some_and(|p| !ports.iter().any(|&q| i32::from(q) == p));
+    let pid_differs = facts.backend_pids.0 != facts.backend_pids.1;
+    if !port_differs && !pid_differs {
+        return None;
+    }
+    let why = if pid_differs {
+        format!(
+            "two statements ran in different server sessions (pg_backend_pid() {} then {})",
+            facts.backend_pids.0, facts.backend_pids.1
+        )
+    } else {
+        format!(
+            "the server's end of the connection is on port {} (inet_server_port()), not the \
+             port pglock connected to ({})",
+            facts.server_port.unwrap_or_default(),
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    Some(format!(
+        "the connection looks like it goes through a connection pooler: {why}. A session \
+         advisory lock through a transaction-mode pooler (PgBouncer pool_mode=transaction) \
+         excludes nobody and may be lost or stranded unnoticed; use --lease, which works \
+         through poolers, or connect to the server directly. If the connection is direct \
+         and only its port is mapped (NAT, a container's published port), or the pooler \
+         is in session mode, pass --direct"
+    ))
+}
+
+/// Reads the [`SessionFacts`] and refuses a standby or a pooler (69); warns when the
+/// client's hash of a non-ASCII name may not be the server's.
+fn check_advisory_session(
+    client: &mut Client,
+    config: &Config,
+    name: Option<&str>,
+    direct: bool,
+) -> Result<(), Fail> {
+    let fail = |e: postgres::Error| {
+        Fail::unavailable(format!(
+            "cannot check the session at {}: {}",
+            describe(config),
+            crate::describe_pg(&e)
+        ))
+    };
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), inet_server_port(), pg_backend_pid(), \
+             current_setting('server_encoding')",
+            &[],
+        )
+        .map_err(fail)?;
+    let second: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .map_err(fail)?
+        .get(0);
+    let facts = SessionFacts {
+        in_recovery: row.get(0),
+        server_port: row.get(1),
+        backend_pids: (row.get(2), second),
+        server_encoding: row.get(3),
+    };
+    let mut ports = config.get_ports().to_vec();
+    if ports.is_empty() {
+        ports.push(5432);
+    }
+    if let Some(why) = refuse_session(&facts, &ports, direct) {
+        return Err(Fail::unavailable(format!(
+            "refusing to lock through {}: {why}",
+            describe(config)
+        )));
+    }
+    if let Some(name) = name {
+        if let Some(warning) = encoding_warning(name, &facts.server_encoding) {
+            eprintln!("pglock: warning: {warning}");
+        }
+    }
+    Ok(())
+}
+
+/// pglock hashes a name's UTF-8 bytes; the server's `hashtextextended(NAME, 0)` hashes
+/// them in the database's encoding. They agree for ASCII names, and in UTF-8 databases.
+pub(crate) fn encoding_warning(name: &str, server_encoding: &str) -> Option<String> {
+    if name.is_ascii() || server_encoding.eq_ignore_ascii_case("UTF8") {
+        return None;
+    }
+    Some(format!(
+        "the database's encoding is {server_encoding}, not UTF8, and the name is not ASCII: \
+         pglock's key hashes the name's UTF-8 bytes, so SQL's hashtextextended(name, 0) \
+         in this database takes a different lock; lock by the 64-bit key instead \
+         (`pglock key` prints it)"
+    ))
+}
+
+/// The server's encoding, for `pglock key --dsn`.
+pub(crate) fn server_encoding(target: &Target) -> Result<String, Fail> {
+    let mut client = target.config.connect(NoTls).map_err(|e| {
+        Fail::unavailable(format!(
+            "cannot connect to {} (from {}): {}",
+            target.describe(),
+            target.source,
+            crate::describe_pg(&e)
+        ))
+    })?;
+    client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .map(|row| row.get(0))
+        .map_err(|e| Fail::unavailable(crate::describe_pg(&e)))
 }
 
 /// The pool of the CLI: one connection at a time.
@@ -181,6 +357,82 @@ pub(crate) fn config_from_pg_env(var: impl Fn(&str) -> Option<String>) -> Result
     Ok(config)
 }
 
+/// The password file: `PGPASSFILE`, else `~/.pgpass`, as libpq reads it: ignored when
+/// group or others may read it (with a warning), and when the settings name several
+/// hosts (a connection has one password here).
+fn password_from_file(config: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = match std::env::var_os("PGPASSFILE").filter(|p| !p.is_empty()) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".pgpass"),
+    };
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "pglock: warning: password file {} has group or world access; permissions \
+             should be u=rw (0600) or less; not read",
+            path.display()
+        );
+        return None;
+    }
+    let [host] = config.get_hosts() else {
+        return None;
+    };
+    let host = match host {
+        postgres::config::Host::Tcp(name) => name.clone(),
+        // libpq matches a Unix socket against "localhost".
+        postgres::config::Host::Unix(_) => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user()?;
+    let db = config.get_dbname().unwrap_or(user);
+    let text = std::fs::read_to_string(&path).ok()?;
+    pgpass_lookup(&text, [&host, &port, db, user])
+}
+
+/// The password of the first line of a `.pgpass` file that matches `host:port:db:user`
+/// (`*` matches anything; `\:` and `\\` are a literal `:` and `\`; `#` starts a comment
+/// line).
+pub(crate) fn pgpass_lookup(text: &str, wanted: [&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut fields: Vec<String> = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        fields.last_mut()?.push(next);
+                    }
+                }
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                c => fields.last_mut()?.push(c),
+            }
+        }
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = fields[..4]
+            .iter()
+            .zip(wanted)
+            .all(|(field, want)| field == "*" || field == want);
+        if matches {
+            return fields.pop();
+        }
+    }
+    None
+}
+
 /// `host=a,b port=5432 user=u dbname=d`, from the settings: never the password.
 pub(crate) fn describe(config: &Config) -> String {
     let hosts: Vec<String> = config
@@ -213,31 +465,95 @@ pub(crate) fn describe(config: &Config) -> String {
 }
 
 /// The connection string with its password replaced by `***`: the password of a URL's
-/// user info and every `password` parameter, in URL or `key=value` form.
+/// user info and every `password` parameter, in URL or `key=value` form. A string that
+/// is neither (as far as this can tell) is not shown at all: any of it could be a
+/// password.
 pub(crate) fn redact_dsn(dsn: &str) -> String {
+    const HIDDEN: &str = "(not shown: not a URL or key=value string)";
     let trimmed = dsn.trim_start();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        redact_url(dsn)
-    } else {
+    let lower = trimmed.to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        redact_url(trimmed)
+    } else if looks_like_key_values(dsn) {
         redact_key_values(dsn)
+    } else {
+        HIDDEN.to_owned()
     }
 }
 
+/// Whether every word of `dsn` is `key=value` with a plain key (letters, digits, `_`),
+/// allowing spaces around `=` and quoted values.
+fn looks_like_key_values(dsn: &str) -> bool {
+    let redacted = redact_key_values(dsn);
+    // Rebuild the pairs from the redacted text: each key must be plain and be followed
+    // by '='.
+    let chars: Vec<char> = redacted.chars().collect();
+    let mut i = 0;
+    let mut pairs = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i == chars.len() {
+            break;
+        }
+        let start = i;
+        while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i == chars.len() || chars[i] != '=' {
+            return false;
+        }
+        i += 1;
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        // The value.
+        if i < chars.len() && chars[i] == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                if chars[i] == '\\' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            i += 1;
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                if chars[i] == '\\' {
+                    i += 1;
+                }
+                i += 1;
+            }
+        }
+        pairs += 1;
+    }
+    pairs > 0
+}
+
+/// `scheme://user:password@hosts/db?params`. The user info ends at the last `@` of the
+/// whole string (a password may hold `/`, `?`, `@`): everything between the first `:`
+/// after the scheme and that `@` is the password. Then every `password=` parameter.
 fn redact_url(url: &str) -> String {
     let scheme_end = url.find("://").map_or(0, |i| i + 3);
     let (head, rest) = url.split_at(scheme_end);
-    // The authority ends at the first '/' or '?'; its user info at its last '@'.
-    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(auth_end);
-    let authority = match authority.rfind('@') {
+    let (userinfo, tail) = match rest.rfind('@') {
         Some(at) => {
-            let (userinfo, hosts) = authority.split_at(at);
+            let (userinfo, hosts) = rest.split_at(at);
             match userinfo.find(':') {
-                Some(colon) => format!("{}:***{hosts}", &userinfo[..colon]),
-                None => authority.to_owned(),
+                Some(colon) => (format!("{}:***", &userinfo[..colon]), hosts),
+                // No password in the user info; an '@' after a '?' is in a parameter.
+                None if userinfo.contains('?') => (String::new(), rest),
+                None => (userinfo.to_owned(), hosts),
             }
         }
-        None => authority.to_owned(),
+        None => (String::new(), rest),
     };
     let tail = match tail.find('?') {
         Some(q) => {
@@ -253,7 +569,7 @@ fn redact_url(url: &str) -> String {
         }
         None => tail.to_owned(),
     };
-    format!("{head}{authority}{tail}")
+    format!("{head}{userinfo}{tail}")
 }
 
 /// `key=value key='quoted \' value'`: every `password` value becomes `***`.
@@ -331,6 +647,103 @@ mod tests {
             redact_dsn("postgres://alice@db/app"),
             "postgres://alice@db/app"
         );
+    }
+
+    #[test]
+    fn malformed_urls_lose_their_password_or_are_not_shown() {
+        for (dsn, shown) in [
+            ("postgres://u:pa/ss@h:x/db", "postgres://u:***@h:x/db"),
+            ("postgres://u:pa?ss@h:x/db", "postgres://u:***@h:x/db"),
+            ("POSTGRES://u:SECRET@h:x/db", "POSTGRES://u:***@h:x/db"),
+            ("PostgreSQL://u:SECRET@h/db", "PostgreSQL://u:***@h/db"),
+            ("postgres://u:a@b/c?d@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://h/db?password=SECRET@x",
+                "postgres://h/db?password=***",
+            ),
+        ] {
+            assert_eq!(redact_dsn(dsn), shown, "{dsn}");
+        }
+        for dsn in [
+            "postgres:/u:SECRET@h/db",
+            "postgres:u:SECRET@h/db",
+            "postgre://u:SECRET@h/db",
+            "u:SECRET@h/db",
+            "host=h SECRET",
+            "host=h :SECRET=x",
+        ] {
+            let shown = redact_dsn(dsn);
+            assert!(!shown.contains("SECRET"), "{dsn}: {shown}");
+            assert!(shown.starts_with("(not shown"), "{dsn}: {shown}");
+        }
+    }
+
+    #[test]
+    fn standbys_and_poolers_are_refused() {
+        let direct = SessionFacts {
+            in_recovery: false,
+            server_port: Some(5432),
+            backend_pids: (7, 7),
+            server_encoding: "UTF8".into(),
+        };
+        assert_eq!(refuse_session(&direct, &[5432], false), None);
+        assert_eq!(refuse_session(&direct, &[6432, 5432], false), None);
+        let socket = SessionFacts {
+            server_port: None,
+            ..direct.clone()
+        };
+        assert_eq!(refuse_session(&socket, &[5432], false), None);
+        let standby = SessionFacts {
+            in_recovery: true,
+            ..direct.clone()
+        };
+        assert!(refuse_session(&standby, &[5432], false)
+            .unwrap()
+            .contains("standby"));
+        assert!(refuse_session(&standby, &[5432], true)
+            .unwrap()
+            .contains("standby"));
+        let bouncer = refuse_session(&direct, &[6432], false).unwrap();
+        assert!(
+            bouncer.contains("pooler") && bouncer.contains("--lease"),
+            "{bouncer}"
+        );
+        assert_eq!(refuse_session(&direct, &[6432], true), None, "--direct");
+        let moved = SessionFacts {
+            backend_pids: (7, 8),
+            ..direct.clone()
+        };
+        assert!(refuse_session(&moved, &[5432], false)
+            .unwrap()
+            .contains("pg_backend_pid"));
+    }
+
+    #[test]
+    fn only_non_ascii_names_in_other_encodings_are_warned_about() {
+        assert_eq!(encoding_warning("café", "UTF8"), None);
+        assert_eq!(encoding_warning("cafe", "LATIN1"), None);
+        assert!(encoding_warning("café", "LATIN1").is_some());
+        assert!(encoding_warning("café", "SQL_ASCII").is_some());
+    }
+
+    #[test]
+    fn pgpass_lines_match_like_libpq() {
+        let text = "# comment\n\
+                    db.example:5432:app:alice:first\n\
+                    *:*:*:bob:b\\:pw\\\\x\n\
+                    short:line\n\
+                    *:*:*:*:fallback:with:colons\n";
+        let find = |w: [&str; 4]| pgpass_lookup(text, w);
+        assert_eq!(
+            find(["db.example", "5432", "app", "alice"]).as_deref(),
+            Some("first")
+        );
+        assert_eq!(find(["h", "1", "d", "bob"]).as_deref(), Some("b:pw\\x"));
+        assert_eq!(
+            find(["db.example", "5433", "app", "alice"]).as_deref(),
+            Some("fallback:with:colons")
+        );
+        assert_eq!(pgpass_lookup("h:1:d:u:p", ["h", "1", "d", "v"]), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use pglock::{
 };
 
 use crate::args::{LeaseAcquireArgs, LeaseCommand, LeaseGetArgs, LeaseTokenArgs, RunArgs};
-use crate::conn::{FirstThenConnect, Pool, Target};
+use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::run::{lock_fail, state, ChildState, Shared};
 use crate::show::{self, json_string};
 use crate::{check_name, Fail, EX_STALE_TOKEN};
@@ -321,7 +321,7 @@ fn connect(
     let target = Target::from_env(dsn)?;
     let app =
         crate::run::truncate_at_char_boundary(&format!("pglock lease {subcommand}"), 63).to_owned();
-    let pool = target.connect(&app, false)?;
+    let pool = target.connect(&app, Session::Lease)?;
     if table_args.create_table {
         create_table(&pool, &table)?;
     }

@@ -9,7 +9,11 @@
 //! - The lock's session ends (`pg_terminate_backend`, a server restart, a dropped
 //!   connection): the server's FATAL message or the closed socket wakes the read at once.
 //!   pglock sends the command SIGTERM, SIGKILL after `--grace`, and exits with 75.
-//! - A signal arrives: a thread of its own forwards it to the command.
+//! - A signal arrives: a thread of its own forwards it to the command's process group.
+//!
+//! The command runs in a process group of its own, led by pglock's supervisor (see
+//! exec.rs): every signal goes to the whole group, and whatever is left of the group
+//! when the command exits is killed before the unlock.
 
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -17,7 +21,8 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use pglock::postgres::fallible_iterator::FallibleIterator;
 use pglock::{
@@ -26,10 +31,9 @@ use pglock::{
 };
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
 
 use crate::args::RunArgs;
-use crate::conn::{FirstThenConnect, Pool, Target};
+use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::{check_name, exec, lease, show, Fail, EX_LOCK_LOST};
 
 /// The longest the main thread blocks on the connection before it looks at the child:
@@ -37,8 +41,8 @@ use crate::{check_name, exec, lease, show, Fail, EX_LOCK_LOST};
 /// once, whatever this is.
 const TICK: Duration = Duration::from_millis(20);
 
-/// The signals forwarded to the command.
-const FORWARDED: [Signal; 6] = [
+/// The signals forwarded to the command's process group.
+pub(crate) const FORWARDED: [Signal; 6] = [
     Signal::SIGINT,
     Signal::SIGTERM,
     Signal::SIGHUP,
@@ -57,7 +61,8 @@ type Guard = OwnedSessionGuard<FirstThenConnect>;
 pub(crate) enum ChildState {
     /// Not started yet: a signal cancels the wait (if any) and ends pglock.
     Waiting(Option<CancelHandle>),
-    /// Running (or exited but not yet reaped: its pid cannot be reused).
+    /// Running, in the process group with this id (the supervisor's pid; its leader is
+    /// not reaped yet, so the id cannot be reused).
     Running(Pid),
     /// Reaped: nothing to signal.
     Reaped,
@@ -95,7 +100,15 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
     let pool = target.connect(
         &application_name(&args.name, &hostname(), std::process::id()),
         // A lease works through a transaction-mode pooler: no session settings then.
-        lease.is_none(),
+        // An advisory lock needs a primary, and no pooler in between.
+        match lease {
+            Some(_) => Session::Lease,
+            None => Session::Advisory {
+                // Slot keys are numbers: no name is hashed by the server.
+                name: args.slots.is_none().then_some(args.name.as_str()),
+                direct: args.direct,
+            },
+        },
     )?;
     let start = Instant::now();
     let hold = match &lease {
@@ -393,7 +406,10 @@ fn supervise(hold: Hold, args: &RunArgs, grace: Duration, shared: &Shared) -> Re
         }
     }
 
-    let mut child = {
+    // The supervisor leads a new process group, in which it starts the command.
+    command.process_group(0);
+    let terminal = Terminal::foreground();
+    let child = {
         let mut st = state(shared);
         // Spawned from the main thread, which lives as long as pglock: the parent-death
         // signal follows the thread that forked, not the process.
@@ -406,6 +422,8 @@ fn supervise(hold: Hold, args: &RunArgs, grace: Duration, shared: &Shared) -> Re
         *st = ChildState::Running(Pid::from_raw(child.id() as i32));
         child
     };
+    let mut child = Supervised { child, terminal };
+    child.hand_over_terminal();
 
     match hold {
         Hold::Advisory(guard, key, _) => supervise_advisory(guard, &key, child, grace, shared),
@@ -420,12 +438,12 @@ fn supervise(hold: Hold, args: &RunArgs, grace: Duration, shared: &Shared) -> Re
                     break;
                 }
             }
-            let pid = child.id();
+            let pid = child.child.id();
             let lost_at = Instant::now();
             eprintln!(
                 "pglock: lost the lease {what}: it could not be renewed before the holder's \
                  deadline, or the server found it expired or taken over; sending SIGTERM to \
-                 the command (pid {pid}), SIGKILL after {}",
+                 the command's process group ({pid}), SIGKILL after {}",
                 show::secs(grace)
             );
             let status = terminate(&mut child, shared, grace)?;
@@ -470,7 +488,7 @@ fn finish(status: ExitStatus, unlocked: Result<(), Error>) -> u8 {
 fn supervise_advisory(
     mut guard: Guard,
     key: &LockKey,
-    mut child: Child,
+    mut child: Supervised,
     grace: Duration,
     shared: &Shared,
 ) -> Result<u8, Fail> {
@@ -486,10 +504,10 @@ fn supervise_advisory(
         }
     };
 
-    let pid = child.id();
+    let pid = child.child.id();
     eprintln!(
         "pglock: lost the lock {key}: its session ended ({lost}); sending SIGTERM to the \
-         command (pid {pid}), SIGKILL after {}",
+         command's process group ({pid}), SIGKILL after {}",
         show::secs(grace)
     );
     let status = terminate(&mut child, shared, grace)?;
@@ -501,38 +519,123 @@ fn supervise_advisory(
     Ok(EX_LOCK_LOST)
 }
 
-/// SIGTERM, then SIGKILL after `grace`; reaps the child.
-fn terminate(child: &mut Child, shared: &Shared, grace: Duration) -> Result<ExitStatus, Fail> {
-    let pid = Pid::from_raw(child.id() as i32);
-    // Not reaped yet (only this thread reaps), so the pid is still the child's.
-    let _ = kill(pid, Signal::SIGTERM);
+/// SIGTERM to the command's group, then SIGKILL to the group after `grace` (or as soon
+/// as the command itself ended); reaps the supervisor.
+fn terminate(child: &mut Supervised, shared: &Shared, grace: Duration) -> Result<ExitStatus, Fail> {
+    let group = Pid::from_raw(child.child.id() as i32);
+    // Not reaped yet (only this thread reaps), so the group id is still the command's.
+    let _ = killpg(group, Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     loop {
         if let Some(status) = reap(child, shared)? {
             return Ok(status);
         }
         if Instant::now() >= deadline {
-            let _ = kill(pid, Signal::SIGKILL);
+            let _ = killpg(group, Signal::SIGKILL);
             let status = child
+                .child
                 .wait()
                 .map_err(|e| Fail::internal(format!("cannot wait for the command: {e}")))?;
-            *state(shared) = ChildState::Reaped;
+            child.reaped(shared);
             return Ok(status);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// `try_wait` under the state lock, so that the signal thread never signals a reaped pid.
-fn reap(child: &mut Child, shared: &Shared) -> Result<Option<ExitStatus>, Fail> {
-    let mut st = state(shared);
-    let status = child
-        .try_wait()
-        .map_err(|e| Fail::internal(format!("cannot wait for the command: {e}")))?;
-    if status.is_some() {
-        *st = ChildState::Reaped;
+/// Reaps the supervisor once it exited (with the command's status), after SIGKILL to
+/// whatever is left of its process group: the command's own children, still running,
+/// would otherwise run on without the lock. Done under the state lock, so that the
+/// signal thread never signals a group whose id could be reused.
+fn reap(child: &mut Supervised, shared: &Shared) -> Result<Option<ExitStatus>, Fail> {
+    let _st = state(shared);
+    let group = Pid::from_raw(child.child.id() as i32);
+    // WNOWAIT: the exited supervisor stays a zombie, so its pid (the group's id) cannot
+    // be reused until it is reaped below.
+    let exited = match waitid(
+        Id::Pid(group),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+    ) {
+        Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => true,
+        Ok(_) => false,
+        Err(e) => return Err(Fail::internal(format!("cannot wait for the command: {e}"))),
+    };
+    if !exited {
+        return Ok(None);
     }
-    Ok(status)
+    let _ = killpg(group, Signal::SIGKILL);
+    drop(_st);
+    let status = child
+        .child
+        .wait()
+        .map_err(|e| Fail::internal(format!("cannot wait for the command: {e}")))?;
+    child.reaped(shared);
+    Ok(Some(status))
+}
+
+/// The supervisor, and the terminal it may have been given.
+struct Supervised {
+    child: Child,
+    terminal: Option<Terminal>,
+}
+
+impl Supervised {
+    /// Makes the command's group the terminal's foreground group, if pglock's was: a
+    /// terminal's Ctrl-C and Ctrl-\ then go to the command's group directly, and a
+    /// command that reads the terminal is not stopped (SIGTTIN) for being in the
+    /// background. A command that already tried to and was stopped is continued.
+    fn hand_over_terminal(&mut self) {
+        if self.terminal.is_some() {
+            let group = Pid::from_raw(self.child.id() as i32);
+            if nix::unistd::tcsetpgrp(std::io::stdin(), group).is_ok() {
+                let _ = killpg(group, Signal::SIGCONT);
+            } else {
+                self.terminal = None;
+            }
+        }
+    }
+
+    /// Marks the supervisor reaped, and takes the terminal back.
+    fn reaped(&mut self, shared: &Shared) {
+        *state(shared) = ChildState::Reaped;
+        if let Some(terminal) = self.terminal.take() {
+            // pglock is in the background now: SIGTTOU is blocked in this thread, so
+            // that the kernel lets it take the terminal back.
+            let _ = nix::unistd::tcsetpgrp(std::io::stdin(), terminal.pglock_group);
+        }
+    }
+}
+
+/// pglock's process group, when it was the foreground group of the terminal on stdin.
+struct Terminal {
+    pglock_group: Pid,
+}
+
+impl Terminal {
+    fn foreground() -> Option<Terminal> {
+        use std::io::IsTerminal;
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let group = nix::unistd::getpgrp();
+        if nix::unistd::tcgetpgrp(&stdin).ok()? != group {
+            return None;
+        }
+        // Taking the terminal back from the background needs SIGTTOU blocked (in this,
+        // the main thread, which does it; children start with an empty mask).
+        let mut ttou = nix::sys::signal::SigSet::empty();
+        ttou.add(Signal::SIGTTOU);
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&ttou),
+            None,
+        )
+        .ok()?;
+        Some(Terminal {
+            pglock_group: group,
+        })
+    }
 }
 
 /// The command's exit code, or 128+N for death by signal N.
@@ -596,12 +699,12 @@ fn forward_signals(shared: &Shared) -> Result<(), Fail> {
                         // lock just granted.
                         std::process::exit(128 + signal);
                     }
-                    // Sent by the kernel to the whole process group (a terminal's Ctrl-C,
-                    // a hangup): the command, in pglock's group, has it already.
-                    ChildState::Running(_) if origin.cause == Cause::Kernel => {}
-                    ChildState::Running(pid) => {
+                    // Whoever sent it (a terminal's Ctrl-C included, when pglock's group
+                    // kept the terminal): the command's group is not pglock's, so the
+                    // signal goes to the whole group.
+                    ChildState::Running(group) => {
                         if let Ok(s) = Signal::try_from(signal) {
-                            let _ = kill(*pid, s);
+                            let _ = killpg(*group, s);
                         }
                     }
                     ChildState::Reaped => {}
@@ -618,7 +721,7 @@ fn signal_name(signal: i32) -> String {
 
 /// The set of ignored signals, from `SigIgn` in `/proc/self/status` (bit N-1 for signal
 /// N); empty if it cannot be read.
-fn ignored_signals() -> u64 {
+pub(crate) fn ignored_signals() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| parse_sigign(&status))

@@ -6,12 +6,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pglock::inspect::{self, LockHolder};
 use pglock::{LockKey, LockMode};
 
-use crate::conn::Target;
+use crate::conn::{Session, Target};
 use crate::{check_name, Fail};
 
-/// `pglock key NAME`: needs no server.
-pub(crate) fn key(name: &str, slots: Option<u32>) -> Result<u8, Fail> {
+/// `pglock key NAME`: needs no server. With `--dsn` and a name that is not ASCII, it
+/// asks the server for its encoding, and warns unless it is UTF-8.
+pub(crate) fn key(name: &str, slots: Option<u32>, dsn: Option<&str>) -> Result<u8, Fail> {
     check_name(name)?;
+    if let (Some(dsn), false) = (dsn, name.is_ascii()) {
+        let encoding = crate::conn::server_encoding(&Target::from_env(Some(dsn))?)?;
+        if let Some(warning) = crate::conn::encoding_warning(name, &encoding) {
+            eprintln!("pglock: warning: {warning}");
+        }
+    }
     let key = LockKey::from_name(name);
     let k = key.as_i64().unwrap_or_default();
     println!("name: {}", json_string(name));
@@ -48,7 +55,7 @@ pub(crate) fn status(dsn: Option<&str>, name: Option<&str>, json: bool) -> Resul
     }
     let key = name.map(LockKey::from_name);
     let target = Target::from_env(dsn)?;
-    let pool = target.connect("pglock status", true)?;
+    let pool = target.connect("pglock status", Session::Inspect)?;
     let mut conn = pool
         .get()
         .map_err(|e| Fail::unavailable(format!("cannot connect to {}: {e}", target.describe())))?;
