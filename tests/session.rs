@@ -505,3 +505,60 @@ fn one_connection_serves_locks_on_many_keys() {
         assert_eq!(holders(&mut admin, &key), 0);
     }
 }
+
+#[test]
+fn a_waiting_session_names_its_lock_in_pg_stat_activity() {
+    let key = unique_key!();
+    let pool = pool(4);
+    let mut admin = admin();
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let guard = holder.lock().unwrap();
+    let expected = format!(
+        "/* pglock: waits for advisory lock {} */",
+        key.as_i64().unwrap()
+    );
+    let query_of = |admin: &mut postgres::Client, pid: i32| -> String {
+        admin
+            .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .unwrap()
+            .get(0)
+    };
+    // A transaction lock's wait, and a session lock's first wait (a batch).
+    for transaction in [true, false] {
+        let (_cancel, pid, _done) =
+            common::spawn_waiter(&pool, &key, LockOptions::new(), transaction);
+        wait_for_waiters(&mut admin, &key, 1);
+        let query = query_of(&mut admin, pid);
+        assert!(
+            query.contains(&expected),
+            "transaction={transaction}: {query}"
+        );
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        common::wait_until("the waiter is gone", Duration::from_secs(10), || {
+            common::waiters(&mut admin, &key) == 0
+        });
+    }
+    // A session lock's later waits (a prepared statement's EXECUTE).
+    let (pid_tx, pid_rx) = mpsc::channel();
+    let (waiter_pool, waiter_key) = (pool.clone(), key.clone());
+    let waiter = thread::spawn(move || {
+        let mut lock = SessionLock::new(&waiter_pool, waiter_key).unwrap();
+        assert!(lock.try_lock().unwrap().is_none()); // learns the settings
+        pid_tx.send(()).unwrap();
+        lock.lock().map(|_| ())
+    });
+    pid_rx.recv().unwrap();
+    wait_for_waiters(&mut admin, &key, 1);
+    let pid = common::locks_on(&mut admin, &key)
+        .into_iter()
+        .find(|l| !l.2)
+        .unwrap()
+        .0;
+    let query = query_of(&mut admin, pid);
+    assert!(query.contains(&expected), "prepared wait: {query}");
+    assert!(query.contains("EXECUTE"), "{query}");
+    SessionGuard::unlock(guard).unwrap();
+    waiter.join().unwrap().unwrap();
+}

@@ -348,7 +348,8 @@ impl<S: Scope> Core<S> {
                 run_prepared(conn, Statement3::Wait, &spec, Some(ms))
             }
             (Kind::Session, _) => {
-                simple(conn, &sql::session_wait(mode, key, Args::Lifted, token, ms))
+                let wait = sql::session_wait(mode, key, Args::Lifted, token, ms);
+                simple(conn, &format!("{}{wait}", sql::wait_comment(key)))
             }
             (Kind::Transaction, settings) => {
                 let how = match settings {
@@ -356,7 +357,8 @@ impl<S: Scope> Core<S> {
                     Some(s) if s.quiet => sql::TxWait::SetLockTimeout,
                     _ => sql::TxWait::Lift,
                 };
-                simple(conn, &sql::tx_wait(mode, key, ms, how))
+                let wait = sql::tx_wait(mode, key, ms, how);
+                simple(conn, &format!("{}{wait}", sql::wait_comment(key)))
             }
         };
         let end = self
@@ -1087,6 +1089,11 @@ where
             (sql, true)
         }
     };
+    // A waiting session says what it waits for in pg_stat_activity.query.
+    let sql = match which {
+        Statement3::Wait => format!("{}{sql}", sql::wait_comment(key)),
+        _ => sql,
+    };
     let result = simple(conn, &sql);
     if new && result.is_err() {
         // The PREPARE may not have taken (in a failed transaction, say): prepare again
@@ -1105,7 +1112,10 @@ where
     if !vanished {
         return result;
     }
-    let fallback = simple(conn, &unprepared());
+    let fallback = match which {
+        Statement3::Wait => simple(conn, &format!("{}{}", sql::wait_comment(key), unprepared())),
+        _ => simple(conn, &unprepared()),
+    };
     if matches!(&fallback, Err(e)
         if e.code() == Some(&postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
     {

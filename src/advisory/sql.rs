@@ -83,6 +83,13 @@ fn param(key: &LockKey, n: usize) -> String {
     format!("${}", first + n)
 }
 
+/// The comment a waiting statement starts with, so that `pg_stat_activity.query` of a
+/// waiting session says which lock it waits for (integers only: the key as the lock
+/// functions take it; `pglock key NAME` or `LockKey::from_name` maps a name to it).
+pub(crate) fn wait_comment(key: &LockKey) -> String {
+    format!("/* pglock: waits for advisory lock {} */ ", key.sql_args())
+}
+
 /// A text literal. Only for the lock's token and numbers, never for user input; quotes are
 /// doubled all the same.
 pub(crate) fn literal(text: &str) -> String {
@@ -427,6 +434,16 @@ mod tests {
         let plain = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN, true);
         assert!(plain.starts_with("SELECT CASE"), "{plain}");
         assert!(!plain.contains(';'), "one statement: {plain}");
+    }
+
+    #[test]
+    fn the_wait_comment_holds_only_integers() {
+        assert_eq!(
+            wait_comment(&LockKey::pair(1, -1)),
+            "/* pglock: waits for advisory lock 1, -1 */ "
+        );
+        let named = wait_comment(&LockKey::from_name("*/ DROP TABLE x; /*"));
+        assert!(!named.contains("DROP"), "{named}");
     }
 
     #[test]
