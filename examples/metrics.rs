@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
-use pglock::{r2d2, LeaseLock, LeaseTable, LockOptions, SessionLock, TxLock};
+use pglock::{
+    r2d2, AdvisorySemaphore, LeaseLock, LeaseTable, LockKey, LockOptions, LockSet, SessionLock,
+    TxLock,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let metrics = PrometheusBuilder::new().install_recorder()?;
@@ -21,6 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     SessionLock::new(&pool, "metrics-demo/report")?.with_lock(|_| Ok::<_, pglock::Error>(()))?;
     TxLock::new(&pool, "metrics-demo/migrate")?.with_lock(|_| Ok::<_, pglock::Error>(()))?;
     LeaseLock::new(&pool, "metrics-demo/export")?.with_lock(|_| Ok::<_, pglock::Error>(()))?;
+    AdvisorySemaphore::new(&pool, "metrics-demo/workers", 2)?
+        .with_lock(|_| Ok::<_, pglock::Error>(()))?;
+    let keys = [
+        LockKey::from_name("metrics-demo/a"),
+        LockKey::from_name("metrics-demo/b"),
+    ];
+    LockSet::new(&pool, keys)?.with_lock(|_| Ok::<_, pglock::Error>(()))?;
     let mut holder = SessionLock::new(&pool, "metrics-demo/busy")?;
     let _held = holder.lock()?;
     let bounded = LockOptions::new().lock_timeout(Duration::from_millis(50));
@@ -53,6 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         r#"pglock_acquisitions_total{kind="transaction",lock="metrics-demo/migrate"} 1"#,
         r#"pglock_acquisitions_total{kind="lease",lock="metrics-demo/export"} 1"#,
         r#"pglock_timeouts_total{kind="session",lock="metrics-demo/busy"} 1"#,
+        r#"pglock_acquisitions_total{kind="semaphore",lock="metrics-demo/workers"} 1"#,
+        r#"pglock_acquisitions_total{kind="lock_set","#,
         "pglock_hold_seconds",
         "pglock_wait_seconds",
     ] {

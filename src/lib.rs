@@ -173,10 +173,9 @@
 //! With the `metrics` cargo feature, pglock reports through the
 //! [`metrics`](https://docs.rs/metrics) facade (install any recorder; the library stays
 //! exporter-agnostic). Every series has the labels `kind` (`session`, `transaction`,
-//! `lease`) and `lock` (the name, `namespace/name` for a namespaced key, or the integer
-//! key: keep the set of locks bounded). `SessionLock`, `TxLock`, `LeaseLock` and
-//! `LeaseSemaphore` are instrumented; [`AdvisorySemaphore`], [`LockSet`] and [`Leader`]
-//! are not yet.
+//! `lease`, `semaphore`, `lock_set`) and `lock` (the name, `namespace/name` for a
+//! namespaced key, or the integer key: keep the set of locks bounded). A [`Leader`]
+//! reports through the lock it campaigns with.
 //!
 //! | metric | type | when |
 //! |---|---|---|

@@ -254,8 +254,10 @@ where
     pub fn lock(&mut self) -> Result<SemaphorePermit<'_, M>> {
         let limit = Limit::bounded_by(self.state.options.lock_timeout);
         let key = self.state.key.clone();
-        self.acquire(limit)?
-            .map_err(|waited| Error::Timeout { key, waited })
+        self.acquire(limit)?.map_err(|waited| {
+            crate::metrics::timed_out("semaphore", &key);
+            Error::Timeout { key, waited }
+        })
     }
 
     /// Takes a permit, blocking at most `timeout`. A zero `timeout` makes one try.
@@ -443,6 +445,7 @@ impl State {
                 self.key,
                 start.elapsed()
             );
+            crate::metrics::busy("semaphore", &self.key);
             return Ok(Outcome::Busy {
                 waited: start.elapsed(),
             });
@@ -453,6 +456,7 @@ impl State {
             if let Err(e) = self.release(conn) {
                 debug!("semaphore {}: release of an unwanted slot: {e}", self.key);
             }
+            crate::metrics::cancelled("semaphore", &self.key);
             return Err(Error::Cancelled {
                 key: self.key.clone(),
             });
@@ -462,6 +466,7 @@ impl State {
             self.key,
             start.elapsed()
         );
+        crate::metrics::locked("semaphore", &self.key, start.elapsed());
         Ok(Outcome::Locked)
     }
 
@@ -702,6 +707,7 @@ where
         let result = state.release(conn);
         if result.is_ok() {
             debug!("semaphore {}: held a permit for {held_for:?}", state.key);
+            crate::metrics::released("semaphore", &state.key, held_for);
         }
         result
     }

@@ -207,8 +207,10 @@ where
     pub fn lock(&mut self) -> Result<LockSetGuard<'_, M>> {
         let limit = Limit::bounded_by(self.state.options.lock_timeout);
         let key = self.state.key.clone();
-        self.acquire(limit)?
-            .map_err(|waited| Error::Timeout { key, waited })
+        self.acquire(limit)?.map_err(|waited| {
+            crate::metrics::timed_out("lock_set", &key);
+            Error::Timeout { key, waited }
+        })
     }
 
     /// Takes every key, blocking at most `timeout` in all. A zero `timeout` makes one
@@ -390,11 +392,15 @@ impl State {
                 if let Err(e) = self.release(conn) {
                     debug!("lock set {}: release of an unwanted set: {e}", self.key);
                 }
+                crate::metrics::cancelled("lock_set", &self.key);
                 return Err(Error::Cancelled {
                     key: self.key.clone(),
                 });
             }
             debug!("locked {} after {:?}", self.key, start.elapsed());
+            crate::metrics::locked("lock_set", &self.key, start.elapsed());
+        } else {
+            crate::metrics::busy("lock_set", &self.key);
         }
         Ok(outcome)
     }
@@ -627,6 +633,7 @@ where
         let result = state.release(conn);
         if result.is_ok() {
             debug!("held {} for {held_for:?}", state.key);
+            crate::metrics::released("lock_set", &state.key, held_for);
         }
         result
     }
