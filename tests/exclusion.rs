@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -171,20 +171,7 @@ fn readers_share_and_writers_exclude() {
     assert_eq!(count(&mut admin, name), 100);
 }
 
-/// Starts this test binary as a child process running `child_test`.
-fn child(child_test: &str, vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        child_test,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("DATABASE_URL", common::database_url())
-    .envs(vars.iter().copied());
-    cmd
-}
+use common::child;
 
 #[test]
 fn processes_never_overlap() {

@@ -47,6 +47,24 @@ fn increment_simple(conn: &mut postgres::Client, name: &str) {
     .unwrap();
 }
 
+/// A session lock on `key` held through the pooler, on a server session that carries no
+/// stale marker of an earlier run (an attempt that lands on one is refused).
+fn hold_through_the_pooler(
+    pool: &common::Pool,
+    key: &pglock::LockKey,
+) -> pglock::OwnedSessionGuard {
+    (0..20)
+        .find_map(|_| {
+            let a = pglock::SessionLock::new(pool, key.clone()).unwrap();
+            match a.try_lock_owned() {
+                Ok(guard) => Some(guard.expect("a free key")),
+                Err(Error::SessionShared { .. }) => None,
+                Err(e) => panic!("{e:?}"),
+            }
+        })
+        .expect("no server session without a stale marker")
+}
+
 /// Ends the server sessions where a session lock on `key` was stranded behind the pooler
 /// (its unlock landed on another server session), so that later runs against the same
 /// server find server sessions without a stale marker.
@@ -141,16 +159,7 @@ fn session_locks_through_a_transaction_pooler_never_grant_one_lock_twice() {
     let pool = pool_with(8, pgbouncer_config());
     // A server session may carry a marker left by an earlier run's holder (its lock is
     // out of reach behind the pooler, by design): that client's attempt is refused too.
-    let held = (0..20)
-        .find_map(|_| {
-            let a = SessionLock::new(&pool, key.clone()).unwrap();
-            match a.try_lock_owned() {
-                Ok(guard) => Some(guard.expect("a free key")),
-                Err(Error::SessionShared { .. }) => None,
-                Err(e) => panic!("{e:?}"),
-            }
-        })
-        .expect("no server session without a stale marker");
+    let held = hold_through_the_pooler(&pool, &key);
     let mut shared = 0;
     for _ in 0..8 {
         let mut b = SessionLock::new(&pool, key.clone()).unwrap();
@@ -224,19 +233,9 @@ fn a_transaction_lock_is_never_granted_where_another_clients_session_lock_holds_
     // Advisory locks are re-entrant per server session, whatever their scope: a TxLock
     // landing on the server session where another client's SessionLock holds the key would
     // be granted. pglock refuses it there (SessionShared) and takes nothing.
-    use pglock::SessionLock;
     let key = unique_key!(std::process::id());
     let pool = pool_with(8, pgbouncer_config());
-    let held = (0..20)
-        .find_map(|_| {
-            let a = SessionLock::new(&pool, key.clone()).unwrap();
-            match a.try_lock_owned() {
-                Ok(guard) => Some(guard.expect("a free key")),
-                Err(Error::SessionShared { .. }) => None,
-                Err(e) => panic!("{e:?}"),
-            }
-        })
-        .expect("no server session without a stale marker");
+    let held = hold_through_the_pooler(&pool, &key);
     let mut shared = 0;
     for _ in 0..8 {
         let mut b = TxLock::new(&pool, key.clone()).unwrap();

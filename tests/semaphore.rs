@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
@@ -176,20 +176,7 @@ fn deployments_that_disagree_on_n_share_the_smaller_ones_slots() {
     assert_eq!(slots_held(&mut admin(), &name, 3), 3);
 }
 
-/// Starts this test binary as a child process running `child_test`.
-fn child(child_test: &str, vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        child_test,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("DATABASE_URL", common::database_url())
-    .envs(vars.iter().copied());
-    cmd
-}
+use common::child;
 
 #[test]
 fn a_holder_killed_with_sigkill_frees_its_slot() {

@@ -306,3 +306,19 @@ pub fn assert_pool_clean(pool: &Pool, path: &str) {
         "{path}: the connection still listens"
     );
 }
+
+/// Starts this test binary as a child process running the ignored test `child_test`
+/// (the way tests kill a real holder process), with `vars` in its environment.
+pub fn child(child_test: &str, vars: &[(&str, &str)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        child_test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("DATABASE_URL", database_url())
+    .envs(vars.iter().copied());
+    cmd
+}
