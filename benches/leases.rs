@@ -24,25 +24,11 @@ use std::time::{Duration, Instant};
 
 use pglock::{LeaseLock, LeaseOptions, LeaseTable};
 use postgres::types::Type;
-use postgres::NoTls;
-use r2d2_postgres::PostgresConnectionManager;
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+#[path = "common/mod.rs"]
+mod common;
 
-fn pool(size: u32) -> Pool {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set. Run the benchmarks against a throwaway server:\n\n    \
-             ci/with-postgres cargo bench --bench leases\n"
-        )
-    });
-    let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
-    r2d2::Pool::builder()
-        .max_size(size)
-        .min_idle(Some(0))
-        .build(manager)
-        .expect("connect to DATABASE_URL")
-}
+use common::{pool, us, Pool};
 
 /// Median per-op times of `floor` and `lib`, and the median of per-block ratios.
 fn interleaved(
@@ -77,10 +63,6 @@ fn interleaved(
     tl.sort();
     ratios.sort_by(|a, b| a.total_cmp(b));
     (tf[rounds / 2], tl[rounds / 2], ratios[rounds / 2])
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
 const RAW_LOCK: &str = "INSERT INTO pglock_leases AS l \
@@ -181,7 +163,7 @@ fn contend(pool: &Pool, threads: usize, total: usize, name: &str, notify: bool) 
 }
 
 fn main() {
-    let pool = pool(40);
+    let pool = pool(40, "leases");
     LeaseTable::default()
         .create(&mut pool.get().unwrap())
         .unwrap();

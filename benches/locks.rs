@@ -28,129 +28,12 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use pglock::{Error, LockOptions, SessionGuard, SessionLock, TxLock};
-use postgres::{Client, NoTls, Statement};
-use r2d2_postgres::PostgresConnectionManager;
+use postgres::{Client, Statement};
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+#[path = "common/mod.rs"]
+mod common;
 
-fn pool(size: u32) -> Pool {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set. Run the benchmarks against a throwaway server:\n\n    \
-             ci/with-postgres cargo bench --bench locks\n"
-        )
-    });
-    let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
-    r2d2::Pool::builder()
-        .max_size(size)
-        .min_idle(Some(0))
-        .build(manager)
-        .expect("connect to DATABASE_URL")
-}
-
-/// xorshift64*: random keys without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn key(&mut self) -> i64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) as i64
-    }
-}
-
-/// One workload, three ways, each a closure doing one operation:
-/// - `floor`: the minimal raw SQL for the same server work, prepared statements;
-/// - `same`: the same minimal SQL over the simple protocol (the floor of earlier reports);
-/// - `pglock`: the library.
-///
-/// `pglock / floor` is the whole cost of using pglock.
-struct Pair<'a> {
-    name: &'static str,
-    round_trips: u32,
-    floor: Box<dyn FnMut() + 'a>,
-    same: Box<dyn FnMut() + 'a>,
-    pglock: Box<dyn FnMut() + 'a>,
-}
-
-/// The result of an interleaved run.
-struct Ratio {
-    floor: Duration,
-    same: Duration,
-    pglock: Duration,
-    /// pglock / floor: median, p25, p75 of the per-round ratios.
-    ratio: [f64; 3],
-    /// pglock / the simple-protocol floor.
-    overhead: [f64; 3],
-}
-
-/// Runs blocks of the three contenders in rotating order, and returns the medians of the
-/// per-op times and of the per-round ratios, so that drift hits all three alike.
-fn interleaved(pair: &mut Pair<'_>, rounds: usize, per_block: usize) -> Ratio {
-    let time = |f: &mut dyn FnMut()| {
-        let start = Instant::now();
-        for _ in 0..per_block {
-            f();
-        }
-        start.elapsed() / per_block as u32
-    };
-    for f in [&mut pair.floor, &mut pair.same, &mut pair.pglock] {
-        time(&mut **f); // warm up
-    }
-    let mut times: [Vec<Duration>; 3] = Default::default();
-    let (mut ratios, mut overheads) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        let mut t = [Duration::ZERO; 3];
-        for i in 0..3 {
-            let which = (round + i) % 3;
-            let f: &mut dyn FnMut() = match which {
-                0 => &mut *pair.floor,
-                1 => &mut *pair.same,
-                _ => &mut *pair.pglock,
-            };
-            t[which] = time(f);
-        }
-        for i in 0..3 {
-            times[i].push(t[i]);
-        }
-        ratios.push(t[2].as_secs_f64() / t[0].as_secs_f64());
-        overheads.push(t[2].as_secs_f64() / t[1].as_secs_f64());
-    }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
-    let quartiles = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        [v[v.len() / 2], v[v.len() / 4], v[v.len() * 3 / 4]]
-    };
-    Ratio {
-        floor: median(&mut times[0]),
-        same: median(&mut times[1]),
-        pglock: median(&mut times[2]),
-        ratio: quartiles(&mut ratios),
-        overhead: quartiles(&mut overheads),
-    }
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e6)
-}
-
-/// One round trip on this machine: the median of empty simple queries.
-fn round_trip(conn: &mut Client) -> Duration {
-    let mut samples: Vec<Duration> = (0..2000)
-        .map(|_| {
-            let start = Instant::now();
-            conn.simple_query("").unwrap();
-            start.elapsed()
-        })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2]
-}
+use common::{interleaved, pool, round_trip, us, Conn, Pair, Pool, Rng};
 
 fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
     let mut rng_f = Rng(0x9e37_79b9_7f4a_7c15);
@@ -370,7 +253,7 @@ fn main() {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    let pool = pool(120);
+    let pool = pool(120, "locks");
     let mut report = String::new();
 
     let mut probe = pool.get().unwrap();
