@@ -1,10 +1,14 @@
-//! Distributed locks on PostgreSQL advisory locks, for synchronous Rust.
+//! Distributed locks on PostgreSQL, for synchronous Rust: advisory locks, and table
+//! leases with heartbeats and fencing tokens.
 //!
 //! Many processes on many hosts must not run the same critical section at once: a
 //! migration runner started by every replica, a cron job scheduled on three servers, a
 //! batch step that must run once. pglock takes a PostgreSQL advisory lock on a connection
-//! checked out of your [`r2d2`] pool, with blocking calls, RAII guards and closures. It
-//! needs no tables and no async runtime.
+//! checked out of your [`r2d2`] pool, with blocking calls, RAII guards and closures; it
+//! needs no tables and no async runtime. Where advisory locks do not fit (a
+//! transaction-mode pooler, a fencing token, a lock that must be a row), a [`LeaseLock`]
+//! keeps a lease in a table. On top of both: [`AdvisorySemaphore`], [`LeaseSemaphore`],
+//! [`LockSet`], [`Leader`] election, and [`inspect`] for who holds what.
 //!
 //! ```no_run
 //! use pglock::SessionLock;
