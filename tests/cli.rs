@@ -1527,163 +1527,16 @@ fn a_name_may_start_with_a_hyphen() {
     }
 }
 
-/// A hot standby of the test server, made with `pg_basebackup -R` and started with the
-/// same binaries on a free port (as the server's OS user when the tests run as root);
-/// stopped and deleted when dropped.
-struct Standby {
-    dir: PathBuf,
-    pg_ctl: PathBuf,
-    runas: Vec<String>,
-    port: u16,
-}
-
-impl Standby {
-    fn start(test: &str) -> Standby {
-        let mut admin = admin();
-        let version: i32 = admin
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .unwrap()
-            .get(0);
-        let bindir = PathBuf::from(format!("/usr/lib/postgresql/{}/bin", version / 10000));
-        let bindir = if bindir.join("pg_basebackup").exists() {
-            bindir
-        } else {
-            let out = Command::new("pg_config").arg("--bindir").output().unwrap();
-            PathBuf::from(stdout(&out).trim())
-        };
-        let dir = scratch(test);
-        let root = Command::new("id").arg("-u").output().unwrap();
-        let runas: Vec<String> = if stdout(&root).trim() == "0" {
-            // The server's files are its user's, as in ci/with-postgres.
-            let data: String = admin
-                .query_one("SELECT current_setting('data_directory')", &[])
-                .unwrap()
-                .get(0);
-            let owner = Command::new("stat")
-                .args(["-c", "%U", &data])
-                .output()
-                .unwrap();
-            let user = stdout(&owner).trim().to_owned();
-            assert!(Command::new("chown")
-                .args([&user, dir.to_str().unwrap()])
-                .status()
-                .unwrap()
-                .success());
-            vec!["runuser".into(), "-u".into(), user, "--".into()]
-        } else {
-            Vec::new()
-        };
-        let (host, primary_port) = server_host_port();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let data = dir.join("data");
-        let run = |program: PathBuf, args: &[&str]| {
-            let mut cmd = match runas.split_first() {
-                Some((first, rest)) => {
-                    let mut cmd = Command::new(first);
-                    cmd.args(rest).arg(&program);
-                    cmd
-                }
-                None => Command::new(&program),
-            };
-            let out = output(cmd.args(args));
-            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-            assert!(
-                out.status.success(),
-                "{program:?} {args:?}: {}\n{log}",
-                stderr(&out)
-            );
-        };
-        run(
-            bindir.join("pg_basebackup"),
-            &[
-                "-h",
-                &host,
-                "-p",
-                &primary_port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-                data.to_str().unwrap(),
-                "-R",
-                "-X",
-                "stream",
-                "--no-sync",
-            ],
-        );
-        // A standby needs these at least as large as on the primary.
-        let settings: Vec<String> = [
-            "max_connections",
-            "max_worker_processes",
-            "max_wal_senders",
-            "max_prepared_transactions",
-            "max_locks_per_transaction",
-        ]
-        .iter()
-        .map(|setting| {
-            let value: String = admin
-                .query_one("SELECT current_setting($1)", &[setting])
-                .unwrap()
-                .get(0);
-            format!("-c {setting}={value}")
-        })
-        .collect();
-        let settings = settings.join(" ");
-        let standby = Standby {
-            dir: dir.clone(),
-            pg_ctl: bindir.join("pg_ctl"),
-            runas: runas.clone(),
-            port,
-        };
-        run(
-            bindir.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                dir.join("log").to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &format!(
-                    "-c listen_addresses=127.0.0.1 -p {port} -k {} -c ssl=off -c fsync=off \
-                     {settings}",
-                    dir.display()
-                ),
-                "start",
-            ],
-        );
-        standby
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let mut cmd = match self.runas.split_first() {
-            Some((first, rest)) => {
-                let mut cmd = Command::new(first);
-                cmd.args(rest).arg(&self.pg_ctl);
-                cmd
-            }
-            None => Command::new(&self.pg_ctl),
-        };
-        let _ = cmd
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The hot standby that `ci/with-postgres` streams from the test server: its port.
+fn standby_port() -> u16 {
+    let url = std::env::var("STANDBY_URL").unwrap_or_else(|_| {
+        panic!(
+            "\n\nSTANDBY_URL is not set: this test needs a hot standby of DATABASE_URL.\n\
+             Run the tests through ci/with-postgres, which starts one.\n\n"
+        )
+    });
+    let config: postgres::Config = url.parse().expect("STANDBY_URL");
+    config.get_ports().first().copied().unwrap_or(5432)
 }
 
 /// An advisory lock on a hot standby excludes nobody on the primary: refused (69).
@@ -1691,8 +1544,8 @@ impl Drop for Standby {
 #[test]
 fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
     let name = unique_name!();
-    let standby = Standby::start("standby");
-    let standby_url = format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port);
+    let standby_port = standby_port();
+    let standby_url = format!("postgres://postgres@127.0.0.1:{standby_port}/postgres");
     let out = output(pglock().args(["--dsn", &standby_url, "run", &name, "--", "echo", "ran"]));
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
     assert_eq!(stdout(&out), "");
@@ -1700,8 +1553,7 @@ fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
 
     let (host, port) = server_host_port();
     let both = format!(
-        "host=127.0.0.1,{host} port={},{port} user=postgres dbname=postgres",
-        standby.port
+        "host=127.0.0.1,{host} port={standby_port},{port} user=postgres dbname=postgres"
     );
     let out = output(pglock().args(["--dsn", &both, "run", &name, "--", "echo", "ran"]));
     assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
