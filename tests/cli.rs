@@ -1552,9 +1552,8 @@ fn a_standby_is_refused_and_several_hosts_mean_the_primary() {
     assert!(stderr(&out).contains("standby"), "{}", stderr(&out));
 
     let (host, port) = server_host_port();
-    let both = format!(
-        "host=127.0.0.1,{host} port={standby_port},{port} user=postgres dbname=postgres"
-    );
+    let both =
+        format!("host=127.0.0.1,{host} port={standby_port},{port} user=postgres dbname=postgres");
     let out = output(pglock().args(["--dsn", &both, "run", &name, "--", "echo", "ran"]));
     assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
 }
