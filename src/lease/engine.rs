@@ -12,6 +12,7 @@ use postgres::Client;
 use r2d2::{ManageConnection, Pool, PooledConnection};
 
 use crate::cancel::CancelState;
+use crate::error::Failure;
 use crate::lease::{sql, LeaseInfo, LeaseOptions};
 use crate::wait::{Backoff, Limit};
 use crate::{Error, LockKey, LostReason, Result};
@@ -288,8 +289,12 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         let mut slot = self.conn();
         let client = self.connected(&mut slot, timeout)?;
         let result = f(client);
-        if result.is_err() && client.is_closed() {
-            *slot = None;
+        if let Err(e) = &result {
+            // Closed, or the server's word that it ended the session (a shutdown, an
+            // administrator): the next statement needs a fresh connection.
+            if client.is_closed() || Failure::of(e) == Failure::Closed {
+                *slot = None;
+            }
         }
         result.map_err(self.spec.db_error(operation))
     }
@@ -818,6 +823,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             match &result {
                 Err(Error::Database { source, .. })
                     if source.as_db_error().is_none()
+                        || Failure::of(source) == Failure::Closed
                         || matches!(source.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE)) =>
                 {
                     let again = self.with_conn(None, run, "unlock");
