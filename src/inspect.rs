@@ -109,32 +109,32 @@ pub fn holders<C: GenericClient>(
     key: Option<&LockKey>,
 ) -> Result<Vec<LockHolder>, postgres::Error> {
     let rows = client.query(holders_sql(key).as_str(), &[])?;
-    Ok(rows
-        .iter()
+    // try_get: a column of an unexpected type is an error, never a panic.
+    rows.iter()
         .map(|row| {
-            let classid: i64 = row.get("classid");
-            let objid: i64 = row.get("objid");
-            let objsubid: i32 = row.get("objsubid");
-            let mode: String = row.get("mode");
-            LockHolder {
+            let classid: i64 = row.try_get("classid")?;
+            let objid: i64 = row.try_get("objid")?;
+            let objsubid: i32 = row.try_get("objsubid")?;
+            let mode: String = row.try_get("mode")?;
+            Ok(LockHolder {
                 key: key_at(classid, objid, objsubid),
-                pid: row.get("pid"),
-                granted: row.get("granted"),
+                pid: row.try_get("pid")?,
+                granted: row.try_get("granted")?,
                 mode: if mode == LockMode::Shared.pg_locks_mode() {
                     LockMode::Shared
                 } else {
                     LockMode::Exclusive
                 },
-                application_name: row.get("application_name"),
-                user: row.get("usename"),
-                client_addr: row.get("client_addr"),
-                client_port: row.get("client_port"),
-                since: row.get("since"),
-                state: row.get("state"),
-                query: row.get("query"),
-            }
+                application_name: row.try_get("application_name")?,
+                user: row.try_get("usename")?,
+                client_addr: row.try_get("client_addr")?,
+                client_port: row.try_get("client_port")?,
+                since: row.try_get("since")?,
+                state: row.try_get("state")?,
+                query: row.try_get("query")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Force-releases a stuck advisory lock: terminates every other session of the current
