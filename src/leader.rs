@@ -65,6 +65,17 @@ where
     backend: Backend,
 }
 
+/// How long a campaign waits.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// One try.
+    Try,
+    /// Up to the options' `lock_timeout`.
+    Options,
+    /// Up to this long.
+    For(Duration),
+}
+
 #[derive(Clone)]
 enum Backend {
     Advisory { key: LockKey, options: LockOptions },
@@ -132,7 +143,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     /// The errors of the lock's `try_lock_owned` ([`Error::Pool`], [`Error::Database`],
     /// [`Error::SessionShared`]...).
     pub fn try_campaign(&self) -> Result<Option<Leadership<M>>> {
-        self.campaign_within(None)
+        self.take(Wait::Try)
     }
 
     /// Becomes leader, waiting while another replica is, up to the options'
@@ -143,53 +154,41 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     /// [`Error::Timeout`] if the bound passed; otherwise as for
     /// [`try_campaign`](Leader::try_campaign).
     pub fn campaign(&self) -> Result<Leadership<M>> {
-        match &self.backend {
-            Backend::Advisory { key, options } => {
-                let lock = SessionLock::with_options(&self.pool, key.clone(), options.clone())?;
-                Ok(Leadership::advisory(lock.lock_owned()?))
-            }
-            Backend::Lease { name, options } => {
-                let lock = LeaseLock::with_options(&self.pool, name, options.clone())?;
-                Ok(Leadership::lease(lock.lock_owned()?))
-            }
-        }
+        // A waiting take returns a leadership or an error, never `None`.
+        self.take(Wait::Options)?.ok_or_else(|| Error::Timeout {
+            key: self.key(),
+            waited: Duration::ZERO,
+        })
     }
 
-    /// Becomes leader within `wait` (`None`: one try).
-    fn campaign_within(&self, wait: Option<Duration>) -> Result<Option<Leadership<M>>> {
+    /// Takes the election's lock, on a fresh lock (and so a fresh connection when the
+    /// last one died). A wait that runs out is [`Error::Timeout`].
+    fn take(&self, wait: Wait) -> Result<Option<Leadership<M>>> {
+        macro_rules! take {
+            ($lock:expr, $options:expr, $leadership:path) => {{
+                let mut options = $options.clone();
+                if let Wait::For(bound) = wait {
+                    options = options.lock_timeout(bound);
+                }
+                let lock = $lock(options)?;
+                let guard = match wait {
+                    Wait::Try => lock.try_lock_owned()?,
+                    Wait::Options | Wait::For(_) => Some(lock.lock_owned()?),
+                };
+                Ok(guard.map($leadership))
+            }};
+        }
         match &self.backend {
-            Backend::Advisory { key, options } => {
-                let mut options = options.clone();
-                if let Some(wait) = wait {
-                    options = options.lock_timeout(wait);
-                }
-                let lock = SessionLock::with_options(&self.pool, key.clone(), options)?;
-                let guard = match wait {
-                    None => lock.try_lock_owned()?,
-                    Some(_) => match lock.lock_owned() {
-                        Ok(guard) => Some(guard),
-                        Err(Error::Timeout { .. }) => None,
-                        Err(e) => return Err(e),
-                    },
-                };
-                Ok(guard.map(Leadership::advisory))
-            }
-            Backend::Lease { name, options } => {
-                let mut options = options.clone();
-                if let Some(wait) = wait {
-                    options = options.lock_timeout(wait);
-                }
-                let lock = LeaseLock::with_options(&self.pool, name, options)?;
-                let guard = match wait {
-                    None => lock.try_lock_owned()?,
-                    Some(_) => match lock.lock_owned() {
-                        Ok(guard) => Some(guard),
-                        Err(Error::Timeout { .. }) => None,
-                        Err(e) => return Err(e),
-                    },
-                };
-                Ok(guard.map(Leadership::lease))
-            }
+            Backend::Advisory { key, options } => take!(
+                |o| SessionLock::with_options(&self.pool, key.clone(), o),
+                options,
+                Leadership::advisory
+            ),
+            Backend::Lease { name, options } => take!(
+                |o| LeaseLock::with_options(&self.pool, name, o),
+                options,
+                Leadership::lease
+            ),
         }
     }
 
@@ -234,8 +233,10 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     {
         let period = period.max(Duration::from_millis(1));
         while !stop.load(Ordering::SeqCst) {
-            let Some(leadership) = self.campaign_within(Some(period))? else {
-                continue;
+            let leadership = match self.take(Wait::For(period)) {
+                Ok(Some(leadership)) => leadership,
+                Ok(None) | Err(Error::Timeout { .. }) => continue,
+                Err(e) => return Err(e.into()),
             };
             log::info!("{}: leader", self.key());
             loop {
