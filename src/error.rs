@@ -220,10 +220,24 @@ impl std::fmt::Display for LostReason {
     }
 }
 
+/// Whether the connection failed because the network went silent: TCP gave up on it
+/// (`tcp_user_timeout` or keepalives, see [`NetworkTimeout`](crate::NetworkTimeout)).
+pub(crate) fn timed_out(e: &postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn code_suffix(e: &postgres::Error) -> String {
     match e.code() {
         Some(code) => format!(" (SQLSTATE {})", code.code()),
         None if e.is_closed() => " (connection closed)".to_owned(),
+        None if timed_out(e) => " (the connection timed out: the network went silent)".to_owned(),
         None => String::new(),
     }
 }

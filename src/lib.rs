@@ -210,6 +210,7 @@ mod leader;
 mod lease;
 mod locker;
 mod metrics;
+mod network;
 mod options;
 mod wait;
 
@@ -227,6 +228,7 @@ pub use crate::lease::{
     LeaseWatch, OwnedLeaseGuard,
 };
 pub use crate::locker::Locker;
+pub use crate::network::NetworkTimeout;
 pub use crate::options::{LockMode, LockOptions, WaitMode};
 
 pub use postgres;

@@ -28,6 +28,16 @@ impl Limit {
         }
     }
 
+    /// What is left of this limit after `elapsed`: `None` when a bounded wait has spent
+    /// its bound (a try is always left one try).
+    pub(crate) fn left_after(self, elapsed: Duration) -> Option<Limit> {
+        match self {
+            Limit::For(bound) if elapsed >= bound => None,
+            Limit::For(bound) => Some(Limit::For(bound - elapsed)),
+            other => Some(other),
+        }
+    }
+
     /// The limit of `try_lock_for(timeout)`, checked against PostgreSQL's range.
     pub(crate) fn checked(key: &LockKey, timeout: Duration) -> Result<Limit> {
         timeout_ms(key, "timeout", timeout)?;
@@ -129,6 +139,15 @@ pub(crate) fn next_random(state: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_gets_what_is_left_of_the_bound() {
+        let s = Duration::from_secs;
+        assert_eq!(Limit::For(s(10)).left_after(s(4)), Some(Limit::For(s(6))));
+        assert_eq!(Limit::For(s(10)).left_after(s(10)), None);
+        assert_eq!(Limit::Try.left_after(s(99)), Some(Limit::Try));
+        assert_eq!(Limit::Forever.left_after(s(99)), Some(Limit::Forever));
+    }
 
     #[test]
     fn backoff_doubles_within_jitter_and_caps() {

@@ -22,7 +22,7 @@ mod set;
 mod sql;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 use r2d2::{ManageConnection, Pool, PooledConnection};
@@ -601,15 +601,28 @@ where
 
     /// Takes the lock within `limit` on the lock's live connection. A session found dead
     /// by the attempt itself (terminated while idle) held nothing: with a pool, the
-    /// attempt is made once more on a fresh connection.
+    /// attempt is made once more on a fresh connection, within what is left of `limit`.
+    /// Not when the network went silent (the connection timed out): the call's bound is
+    /// spent, and a fresh connection would most likely go the same way.
     fn acquire_outcome(&mut self, limit: Limit) -> Result<Outcome> {
+        let start = Instant::now();
         let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
         match self.core.acquire(conn, limit) {
             // Not after a cancel (sticky) or a timeout: only a session that was gone.
             Err(e @ Error::Database { .. }) if self.core.is_dead() && self.pool.is_some() => {
+                let left = match &e {
+                    Error::Database { source, .. } if crate::error::timed_out(source) => None,
+                    _ => limit.left_after(start.elapsed()),
+                };
+                let Some(left) = left else { return Err(e) };
                 log::debug!("{e}; again on a fresh connection");
                 let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
-                self.core.acquire(conn, limit)
+                match self.core.acquire(conn, left)? {
+                    Outcome::Busy { .. } => Ok(Outcome::Busy {
+                        waited: start.elapsed(),
+                    }),
+                    locked => Ok(locked),
+                }
             }
             other => other,
         }

@@ -8,6 +8,7 @@ use pglock::LockKey;
 use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 
+pub mod partition;
 pub mod proxy;
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;

@@ -1,0 +1,87 @@
+//! A network partition of one TCP connection on loopback, like a pulled cable: an
+//! `nftables` rule drops every packet to or from the connection's client port, both ways,
+//! without closing anything. Needs root (CAP_NET_ADMIN) and the `nft` command;
+//! `ci/with-postgres` installs Debian's nftables package when run as root.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use postgres::Client;
+
+/// A cut connection; the cable is plugged back in on drop.
+#[derive(Debug)]
+pub struct Partition {
+    table: String,
+    port: u16,
+}
+
+/// The client-side TCP port of `client`'s connection, as the server sees it.
+pub fn client_port(client: &mut Client) -> u16 {
+    let port: i32 = client
+        .query_one("SELECT inet_client_port()", &[])
+        .expect("inet_client_port()")
+        .try_get::<_, Option<i32>>(0)
+        .expect("inet_client_port()")
+        .expect("the connection is not over TCP (a Unix-domain socket cannot be partitioned)");
+    u16::try_from(port).expect("a TCP port")
+}
+
+impl Partition {
+    /// Drops every packet of the TCP connection whose client port is `port`.
+    pub fn cut(port: u16) -> Partition {
+        let table = format!("pglock_partition_{}_{port}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
+             tcp sport {port} drop\n  tcp dport {port} drop\n }}\n}}\n"
+        );
+        if let Err(e) = nft(&["-f", "-"], Some(&rules)) {
+            panic!("{e}");
+        }
+        Partition { table, port }
+    }
+
+    /// The cut connection's client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        // Never panic here: a test that already failed is unwinding.
+        if let Err(e) = nft(&["delete", "table", "inet", &self.table], None) {
+            eprintln!("could not remove the partition: {e}");
+        }
+    }
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+    let how = "\n\ntests that cut the network drop packets with nftables: they need root (or \
+               CAP_NET_ADMIN) and the nft command (Debian: apt-get install nftables; \
+               ci/with-postgres installs it when run as root):\n\n    \
+               ci/with-postgres cargo nextest run --features cli\n\n";
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not run nft: {e}{how}"))?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("could not write to nft: {e}"))?;
+    }
+    drop(child.stdin.take());
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("nft did not finish: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft {args:?} failed: {}{how}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
