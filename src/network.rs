@@ -186,6 +186,33 @@ impl NetworkTimeout {
         config
     }
 
+    /// The server's half for a session that is already open, as SQL: `SET` statements
+    /// for the same settings the startup `options` carry. For a connection that cannot
+    /// carry startup options but reaches the server directly (pglock's command-line
+    /// tool checks for a pooler first, then sends these). `client_connection_check_interval`
+    /// needs PostgreSQL 14: an older server refuses the batch as a whole.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pglock::NetworkTimeout;
+    ///
+    /// assert_eq!(
+    ///     NetworkTimeout::new(Duration::from_secs(30)).server_sql(),
+    ///     "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; \
+    ///      SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000; \
+    ///      SET client_connection_check_interval = 5000"
+    /// );
+    /// ```
+    pub fn server_sql(&self) -> String {
+        server_settings(&self.probes(), self.within)
+            .iter()
+            .map(|(name, value)| format!("SET {name} = {value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     fn probes(&self) -> Probes {
         let secs = self.within.as_secs();
         Probes {
@@ -206,17 +233,27 @@ struct Probes {
     count: u32,
 }
 
-/// The server's keepalive settings as startup options. Only integers go into the text.
+/// The server's settings, by name. Only integers.
+fn server_settings(p: &Probes, within: Duration) -> [(&'static str, u128); 5] {
+    [
+        ("tcp_keepalives_idle", u128::from(p.idle)),
+        ("tcp_keepalives_interval", u128::from(p.interval)),
+        ("tcp_keepalives_count", u128::from(p.count)),
+        ("tcp_user_timeout", within.as_millis()),
+        (
+            "client_connection_check_interval",
+            u128::from(p.interval) * 1000,
+        ),
+    ]
+}
+
+/// The server's settings as startup options.
 fn server_options(p: &Probes, within: Duration) -> String {
-    format!(
-        "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} \
-         -c tcp_user_timeout={} -c client_connection_check_interval={}",
-        p.idle,
-        p.interval,
-        p.count,
-        within.as_millis(),
-        p.interval * 1000
-    )
+    server_settings(p, within)
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

@@ -474,6 +474,46 @@ fn a_terminated_session_terminates_the_command_with_the_lock_lost_code() {
     assert!(err.contains("57P01"), "{err}");
 }
 
+/// A network that goes silent under `pglock run` (its connection's packets dropped both
+/// ways, nothing closed): `--network-timeout` ends the run with the lock-lost code, and the
+/// server frees the lock for the next run, both within the bound.
+#[test]
+fn a_silent_network_ends_the_run_and_frees_the_lock_within_the_network_timeout() {
+    let name = unique_name!();
+    let script = "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.01; done";
+    let (mut run, mut out) = spawn(&["run", "--network-timeout", "4", &name, "-c", script]);
+    assert_eq!(line(&mut out), "ready");
+    let mut admin = admin();
+    let backend = backend_of(&mut admin, run.id());
+    let port: i32 = admin
+        .query_one(
+            "SELECT client_port FROM pg_stat_activity WHERE pid = $1",
+            &[&backend],
+        )
+        .unwrap()
+        .get(0);
+    let cut = common::partition::Partition::cut(u16::try_from(port).unwrap());
+    let start = Instant::now();
+    assert_eq!(line(&mut out), "got TERM");
+    let noticed = start.elapsed();
+    let status = wait_exit(&mut run, LONG);
+    assert_eq!(status.code(), Some(75));
+    let err = child_stderr(&mut run);
+    assert!(err.contains("lost the lock"), "{err}");
+    let mut freed = None;
+    wait_until("the server freed the cut run's lock", LONG, || {
+        let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
+        freed = Some(start.elapsed());
+        out.status.code() == Some(0)
+    });
+    drop(cut);
+    let freed = freed.unwrap();
+    eprintln!("--network-timeout 4: the command got SIGTERM {noticed:?}, the lock was free {freed:?} after the cut");
+    let bound = Duration::from_secs(4 + 8);
+    assert!(noticed < bound, "{noticed:?}");
+    assert!(freed < bound, "{freed:?}");
+}
+
 #[test]
 fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let name = unique_name!();

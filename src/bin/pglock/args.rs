@@ -45,12 +45,27 @@ printed.";
     disable_help_subcommand = true
 )]
 pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) conn: Conn,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Conn {
     /// PostgreSQL connection string (URL or key=value); default: DATABASE_URL, else PG*
     #[arg(long, global = true, value_name = "DSN")]
     pub(crate) dsn: Option<String>,
 
-    #[command(subcommand)]
-    pub(crate) command: Command,
+    /// Give up a connection whose network went silent for SECS (TCP keepalives and
+    /// tcp_user_timeout; on the server's side too for an advisory lock, so that it frees
+    /// the lock of a pglock it stopped hearing from); 0 keeps the system's TCP defaults
+    /// (hours)
+    #[arg(long, global = true, value_name = "SECS", default_value = "30",
+          value_parser = parse_secs)]
+    pub(crate) network_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,9 @@ use pglock::postgres::config::TargetSessionAttrs;
 use pglock::postgres::{self, Client, Config, NoTls};
 use pglock::r2d2::{self, ManageConnection};
 use pglock::r2d2_postgres::PostgresConnectionManager;
+use pglock::NetworkTimeout;
 
+use crate::args::Conn;
 use crate::Fail;
 
 /// How long a connection attempt may take when the settings do not say
@@ -19,12 +21,15 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Target {
     pub(crate) config: Config,
     pub(crate) source: &'static str,
+    /// `--network-timeout`, unless 0.
+    network: Option<NetworkTimeout>,
 }
 
 impl Target {
-    /// From `--dsn`, else `DATABASE_URL`, else the `PG*` variables.
-    pub(crate) fn from_env(dsn: Option<&str>) -> Result<Target, Fail> {
-        let (text, source) = match dsn {
+    /// From `--dsn`, else `DATABASE_URL`, else the `PG*` variables; with
+    /// `--network-timeout` set on the client's socket.
+    pub(crate) fn from_env(conn: &Conn) -> Result<Target, Fail> {
+        let (text, source) = match conn.dsn.as_deref() {
             Some(dsn) => (Some(dsn.to_owned()), "--dsn"),
             None => match std::env::var("DATABASE_URL") {
                 Ok(url) if !url.is_empty() => (Some(url), "DATABASE_URL"),
@@ -58,7 +63,19 @@ impl Target {
         if config.get_hosts().len() > 1 && !explicit_target_session_attrs {
             config.target_session_attrs(TargetSessionAttrs::ReadWrite);
         }
-        Ok(Target { config, source })
+        // The client's half on every connection; the server's half is sent once the
+        // session is known to reach the server directly (a pooler refuses startup
+        // options), in `connect`.
+        let network =
+            (!conn.network_timeout.is_zero()).then(|| NetworkTimeout::new(conn.network_timeout));
+        if let Some(network) = network {
+            network.client_only().apply(&mut config);
+        }
+        Ok(Target {
+            config,
+            source,
+            network,
+        })
     }
 
     /// `host=... port=... user=... dbname=...`: never the password.
@@ -88,6 +105,12 @@ impl Target {
             check_advisory_session(&mut client, &config, name, direct)?;
         }
         if session != Session::Lease {
+            // The server's half of --network-timeout: it ends the session, and frees the
+            // lock, of a pglock it stopped hearing from (PostgreSQL 14 and later take the
+            // whole batch; older ones refuse it and keep their TCP defaults).
+            if let Some(network) = self.network {
+                let _ = client.batch_execute(&network.server_sql());
+            }
             // Where the server can (PostgreSQL 14 and later, on Linux), have it check
             // every second that pglock is still connected while a statement runs: a
             // pglock killed in the middle of its wait leaves no orphan waiter behind.

@@ -27,7 +27,7 @@ use pglock::{
     Error, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable, OwnedLeaseGuard,
 };
 
-use crate::args::{LeaseAcquireArgs, LeaseCommand, LeaseGetArgs, LeaseTokenArgs, RunArgs};
+use crate::args::{Conn, LeaseAcquireArgs, LeaseCommand, LeaseGetArgs, LeaseTokenArgs, RunArgs};
 use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::run::{lock_fail, state, ChildState, Shared};
 use crate::show::{self, json_string};
@@ -300,25 +300,25 @@ fn holders_text(rows: Option<pglock::Result<Vec<LeaseInfo>>>) -> String {
 }
 
 /// `pglock lease ...`.
-pub(crate) fn command(dsn: Option<&str>, command: LeaseCommand) -> Result<u8, Fail> {
+pub(crate) fn command(conn: &Conn, command: LeaseCommand) -> Result<u8, Fail> {
     match command {
-        LeaseCommand::Acquire(args) => acquire_command(dsn, args),
-        LeaseCommand::Heartbeat(args) => token_command(dsn, args, false),
-        LeaseCommand::Release(args) => token_command(dsn, args, true),
-        LeaseCommand::Get(args) => get_command(dsn, args),
+        LeaseCommand::Acquire(args) => acquire_command(conn, args),
+        LeaseCommand::Heartbeat(args) => token_command(conn, args, false),
+        LeaseCommand::Release(args) => token_command(conn, args, true),
+        LeaseCommand::Get(args) => get_command(conn, args),
     }
 }
 
 /// Connects for `pglock lease SUBCOMMAND NAME`, creating the table if asked.
 fn connect(
-    dsn: Option<&str>,
+    conn: &Conn,
     subcommand: &str,
     name: &str,
     table_args: &crate::args::TableArgs,
 ) -> Result<(Pool, LeaseTable), Fail> {
     check_name(name)?;
     let table = table(table_args.table.as_deref())?;
-    let target = Target::from_env(dsn)?;
+    let target = Target::from_env(conn)?;
     let app =
         crate::run::truncate_at_char_boundary(&format!("pglock lease {subcommand}"), 63).to_owned();
     let pool = target.connect(&app, Session::Lease)?;
@@ -328,8 +328,8 @@ fn connect(
     Ok((pool, table))
 }
 
-fn acquire_command(dsn: Option<&str>, args: LeaseAcquireArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(dsn, "acquire", &args.name, &args.table)?;
+fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
+    let (pool, table) = connect(conn, "acquire", &args.name, &args.table)?;
     let owner = args
         .owner
         .clone()
@@ -386,9 +386,9 @@ fn print_token(name: &str, token: i64, expires_in: Duration, json: bool) {
     }
 }
 
-fn token_command(dsn: Option<&str>, args: LeaseTokenArgs, release: bool) -> Result<u8, Fail> {
+fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8, Fail> {
     let subcommand = if release { "release" } else { "heartbeat" };
-    let (pool, table) = connect(dsn, subcommand, &args.name, &args.table)?;
+    let (pool, table) = connect(conn, subcommand, &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let stale = || Fail {
@@ -421,8 +421,8 @@ fn token_command(dsn: Option<&str>, args: LeaseTokenArgs, release: bool) -> Resu
     Ok(0)
 }
 
-fn get_command(dsn: Option<&str>, args: LeaseGetArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(dsn, "get", &args.name, &args.table)?;
+fn get_command(conn: &Conn, args: LeaseGetArgs) -> Result<u8, Fail> {
+    let (pool, table) = connect(conn, "get", &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let info = lock.read().map_err(lock_fail)?;

@@ -130,12 +130,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => args
-            .resolved()
-            .and_then(|args| run::run(cli.dsn.as_deref(), args)),
-        Command::Key { name, slots } => show::key(&name, slots, cli.dsn.as_deref()),
-        Command::Lease(command) => lease::command(cli.dsn.as_deref(), command),
-        Command::Status { name, json } => show::status(cli.dsn.as_deref(), name.as_deref(), json),
+        Command::Run(args) => args.resolved().and_then(|args| run::run(&cli.conn, args)),
+        Command::Key { name, slots } => show::key(&name, slots, &cli.conn),
+        Command::Lease(command) => lease::command(&cli.conn, command),
+        Command::Status { name, json } => show::status(&cli.conn, name.as_deref(), json),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -32,7 +32,7 @@ use pglock::{
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 
-use crate::args::RunArgs;
+use crate::args::{Conn, RunArgs};
 use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::{check_name, exec, lease, show, Fail, EX_LOCK_LOST};
 
@@ -76,7 +76,7 @@ pub(crate) fn state(shared: &Shared) -> MutexGuard<'_, ChildState> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
+pub(crate) fn run(conn: &Conn, args: RunArgs) -> Result<u8, Fail> {
     check_name(&args.name)?;
     if args.command.is_empty() && args.shell.is_none() {
         return Err(Fail::usage(
@@ -92,7 +92,7 @@ pub(crate) fn run(dsn: Option<&str>, args: RunArgs) -> Result<u8, Fail> {
         Some(plan) => plan.grace,
         None => args.grace.unwrap_or(DEFAULT_GRACE),
     };
-    let target = Target::from_env(dsn)?;
+    let target = Target::from_env(conn)?;
     let shared: Shared = Arc::new(Mutex::new(ChildState::Waiting(None)));
     // Before the wait: a signal during it ends pglock with 128+N.
     forward_signals(&shared)?;

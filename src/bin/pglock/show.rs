@@ -1,5 +1,6 @@
 //! `pglock key` and `pglock status`, and the formatting they share with `run`.
 
+use crate::args::Conn;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,10 +12,10 @@ use crate::{check_name, Fail};
 
 /// `pglock key NAME`: needs no server. With `--dsn` and a name that is not ASCII, it
 /// asks the server for its encoding, and warns unless it is UTF-8.
-pub(crate) fn key(name: &str, slots: Option<u32>, dsn: Option<&str>) -> Result<u8, Fail> {
+pub(crate) fn key(name: &str, slots: Option<u32>, conn: &Conn) -> Result<u8, Fail> {
     check_name(name)?;
-    if let (Some(dsn), false) = (dsn, name.is_ascii()) {
-        let encoding = crate::conn::server_encoding(&Target::from_env(Some(dsn))?)?;
+    if let (Some(_), false) = (&conn.dsn, name.is_ascii()) {
+        let encoding = crate::conn::server_encoding(&Target::from_env(conn)?)?;
         if let Some(warning) = crate::conn::encoding_warning(name, &encoding) {
             eprintln!("pglock: warning: {warning}");
         }
@@ -49,12 +50,12 @@ pub(crate) fn key(name: &str, slots: Option<u32>, dsn: Option<&str>) -> Result<u
 }
 
 /// `pglock status [NAME] [--json]`.
-pub(crate) fn status(dsn: Option<&str>, name: Option<&str>, json: bool) -> Result<u8, Fail> {
+pub(crate) fn status(conn: &Conn, name: Option<&str>, json: bool) -> Result<u8, Fail> {
     if let Some(name) = name {
         check_name(name)?;
     }
     let key = name.map(LockKey::from_name);
-    let target = Target::from_env(dsn)?;
+    let target = Target::from_env(conn)?;
     let pool = target.connect("pglock status", Session::Inspect)?;
     let mut conn = pool
         .get()
