@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::partition::{client_port, Partition};
 use common::{admin, config, holders, pool_with, wait_for_waiters, wait_until, Pool};
 use pglock::{
-    Error, LeaseLock, LeaseOptions, LeaseTable, LockOptions, LostReason, NetworkTimeout,
-    OwnedSessionGuard, SessionGuard, SessionLock, TxLock,
+    AdvisorySemaphore, Error, LeaseLock, LeaseOptions, LeaseTable, LockOptions, LockSet,
+    LostReason, NetworkTimeout, OwnedSessionGuard, SessionGuard, SessionLock, TxLock,
 };
 
 /// The bound the tests set.
@@ -140,6 +140,57 @@ fn a_tx_lock_on_a_silent_network_fails_within_the_network_timeout() {
     assert_connection_error("TxLock::lock()", &err);
     drop(cut);
     assert_eq!(holders(&mut admin(), &key), 0);
+}
+
+#[test]
+fn semaphore_and_lock_set_waits_on_a_silent_network_fail_within_the_network_timeout() {
+    let key = unique_key!();
+    let name = key.name().unwrap().to_owned();
+    // Every permit, and one key of the set, held elsewhere.
+    let holder_pool = common::pool(2);
+    let mut full = AdvisorySemaphore::new(&holder_pool, &name, 1).unwrap();
+    let _permit = full.lock().unwrap();
+    let set_keys = [unique_key!("a"), unique_key!("b")];
+    let mut one = SessionLock::new(&holder_pool, set_keys[1].clone()).unwrap();
+    let _held = one.lock().unwrap();
+
+    for what in ["AdvisorySemaphore::lock()", "LockSet::lock()"] {
+        let (pool, port) = bounded_pool(Some(NetworkTimeout::new(BOUND)));
+        let (tx, rx) = mpsc::channel();
+        let waiting = if what.starts_with("Advisory") {
+            let mut sem = AdvisorySemaphore::with_options(&pool, &name, 1, long_wait()).unwrap();
+            thread::spawn(move || tx.send(sem.lock().map(|_| ())).unwrap())
+        } else {
+            let mut set = LockSet::with_options(&pool, set_keys.clone(), long_wait()).unwrap();
+            thread::spawn(move || tx.send(set.lock().map(|_| ())).unwrap())
+        };
+        let mut admin = admin();
+        wait_until(&format!("{what} waits"), Duration::from_secs(10), || {
+            admin
+                .query_one(
+                    // A lock set waits on the server; a semaphore listens for releases
+                    // between tries of its slots.
+                    "SELECT count(*) FROM pg_stat_activity WHERE client_port = $1 \
+                     AND (wait_event_type = 'Lock' OR query LIKE '%advisory%')",
+                    &[&i32::from(port)],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        });
+        let cut = Partition::cut(port);
+        let start = Instant::now();
+        let result = rx.recv_timeout(LONG).expect("the wait returned");
+        assert_within(
+            &format!("a waiting {what} on a cut connection returned"),
+            start.elapsed(),
+        );
+        let err = result.expect_err("the wait cannot have been granted");
+        eprintln!("  with {err}");
+        assert_connection_error(what, &err);
+        waiting.join().unwrap();
+        drop(cut);
+    }
 }
 
 #[test]
