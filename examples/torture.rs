@@ -2,8 +2,11 @@
 //! take every kind of lock in every way (`SessionLock` exclusive and shared, `TxLock`,
 //! `LeaseLock`; `try_lock`, bounded, cancelled from another thread, a panic inside
 //! `with_lock`) on a few shared names, while a chaos thread kills random workers with
-//! SIGKILL (and restarts them) and ends random worker sessions with
-//! `pg_terminate_backend`. Then it checks that no two critical sections overlapped, that
+//! SIGKILL (and restarts them), ends random worker sessions with `pg_terminate_backend`,
+//! and cuts random worker connections off the network for 0.5-4 s (an nftables rule that
+//! drops their packets both ways, closing nothing; the workers bound a silent network with
+//! `NetworkTimeout` of 2 s, so a cut longer than that ends the session on both ends, a
+//! shorter one is ridden out). Then it checks that no two critical sections overlapped, that
 //! no lock is left held and that no connection leaked, and exits non-zero otherwise.
 //!
 //! ```sh
@@ -27,6 +30,10 @@
 //!
 //! The check is itself checked: with `PGLOCK_TORTURE_CONTROL=1` the advisory sections run
 //! without their locks, and the run passes only if it finds overlaps.
+//!
+//! The network cuts need root (or CAP_NET_ADMIN) and the `nft` command, which
+//! `ci/with-postgres` installs when run as root; without them the run fails and says so.
+//! `PGLOCK_TORTURE_NO_PARTITIONS=1` runs without the cuts.
 
 use std::io::{BufRead, BufReader};
 use std::panic::{self, AssertUnwindSafe};
@@ -37,9 +44,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pglock::r2d2_postgres::postgres::{self, Client, GenericClient, NoTls};
 use pglock::r2d2_postgres::PostgresConnectionManager;
+// The same pulled cable as the integration tests'.
+#[path = "../tests/common/partition.rs"]
+#[allow(dead_code)]
+mod partition;
+
 use pglock::{
-    r2d2, Error, LeaseLock, LeaseOptions, LeaseTable, LockKey, LockMode, LockOptions, SessionGuard,
-    SessionLock, TxGuard, TxLock,
+    r2d2, Error, LeaseLock, LeaseOptions, LeaseTable, LockKey, LockMode, LockOptions,
+    NetworkTimeout, SessionGuard, SessionLock, TxGuard, TxLock,
 };
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -58,6 +70,8 @@ const APP: &str = "pglock-torture-w";
 const LEASE: Duration = Duration::from_secs(2);
 /// Every wait is bounded, so that workers finish soon after the deadline.
 const WAIT: Duration = Duration::from_secs(2);
+/// The workers' bound on a silent network.
+const NETWORK: Duration = Duration::from_secs(2);
 /// Whether this is the control run, whose advisory sections take no lock.
 fn control() -> bool {
     std::env::var_os("PGLOCK_TORTURE_CONTROL").is_some_and(|v| v == "1")
@@ -174,9 +188,13 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
         LEASES.len()
     );
 
+    let partitions = std::env::var_os("PGLOCK_TORTURE_NO_PARTITIONS").is_none_or(|v| v != "1");
     let mut rng = Rng::new(0);
-    let (mut kills, mut terminations, mut crashes) = (0u64, 0u64, 0u64);
+    let (mut kills, mut terminations, mut crashes, mut cuts) = (0u64, 0u64, 0u64, 0u64);
+    // Connections cut off the network, and when each is plugged back in.
+    let mut cut: Vec<(partition::Partition, Instant)> = Vec::new();
     while Instant::now() < chaos_until {
+        cut.retain(|(_, heal_at)| Instant::now() < *heal_at);
         // The chaos's own schedule: a pause of 50-400 ms between faults.
         thread::sleep(Duration::from_millis(50) + rng.millis(350));
         for (i, w) in workers.iter_mut().enumerate() {
@@ -187,12 +205,25 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
                 *w = spawn_worker(i, until, &report)?;
             }
         }
-        if rng.below(4) == 0 {
+        let fault = rng.below(4);
+        if fault == 0 {
             let i = rng.below(WORKERS as u64) as usize;
             workers[i].kill()?; // SIGKILL
             workers[i].wait()?;
             kills += 1;
             workers[i] = spawn_worker(i, until, &report)?;
+        } else if fault == 1 && partitions {
+            let port = admin.query_opt(
+                "SELECT client_port FROM pg_stat_activity WHERE application_name LIKE $1 \
+                 AND client_port > 0 ORDER BY random() LIMIT 1",
+                &[&format!("{APP}%")],
+            )?;
+            if let Some(row) = port {
+                let port = u16::try_from(row.get::<_, i32>(0))?;
+                let heal_at = Instant::now() + Duration::from_millis(500) + rng.millis(3500);
+                cut.push((partition::Partition::cut(port), heal_at));
+                cuts += 1;
+            }
         } else {
             let ended = admin.query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -202,6 +233,8 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
             terminations += ended.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
         }
     }
+
+    drop(cut); // every cable plugged back in
 
     // The workers stop by themselves at the deadline; give them a generous bound.
     let stop_by = Instant::now() + Duration::from_secs(seconds) + Duration::from_secs(60);
@@ -285,7 +318,7 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
         &[],
     )?;
 
-    println!("torture: ran {:.1} s; chaos: {kills} workers killed (SIGKILL) and restarted, {terminations} sessions terminated", elapsed.as_secs_f64());
+    println!("torture: ran {:.1} s; chaos: {kills} workers killed (SIGKILL) and restarted, {terminations} sessions terminated, {cuts} connections cut off the network", elapsed.as_secs_f64());
     for r in &by_kind {
         println!(
             "  completed {:<20} {:>7}",
@@ -453,6 +486,7 @@ fn worker(args: &[String]) -> Result<ExitCode, BoxError> {
     let until: u64 = args.get(1).ok_or("no deadline")?.parse()?;
     let mut config: postgres::Config = database_url()?.parse()?;
     config.application_name(&format!("{APP}{index}"));
+    NetworkTimeout::new(NETWORK).apply(&mut config);
     let pool = r2d2::Pool::builder()
         .max_size(4 * THREADS as u32)
         .min_idle(Some(0))

@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use postgres::Client;
 
@@ -29,7 +30,11 @@ pub fn client_port(client: &mut Client) -> u16 {
 impl Partition {
     /// Drops every packet of the TCP connection whose client port is `port`.
     pub fn cut(port: u16) -> Partition {
-        let table = format!("pglock_partition_{}_{port}", std::process::id());
+        // Named after this process (so that ci/with-postgres can remove the rules of a
+        // process that died), the port, and a count (one port may be cut twice).
+        static CUTS: AtomicU64 = AtomicU64::new(0);
+        let n = CUTS.fetch_add(1, Ordering::Relaxed);
+        let table = format!("pglock_partition_{}_{port}_{n}", std::process::id());
         let rules = format!(
             "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
              tcp sport {port} drop\n  tcp dport {port} drop\n }}\n}}\n"
