@@ -115,6 +115,11 @@ fn default_owner() -> String {
 pub(crate) struct Held {
     pub(crate) slot: i32,
     pub(crate) token: i64,
+    /// The nonce of the attempt that took it, stored in the row: renewals, fences and
+    /// releases require it, because a token alone can be handed out twice (a failover
+    /// that lost the token sequence's last WAL record). `None` for the token-only calls
+    /// ([`renew_token`](super::LeaseLock::renew_token), `unlock_token`).
+    pub(crate) nonce: Option<i64>,
 }
 
 /// Who held the lease at the last failed attempt.
@@ -299,13 +304,13 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         result.map_err(self.spec.db_error(operation))
     }
 
-    /// One attempt at slot `slot`: `Ok(Ok(token))` if taken, `Ok(Err(holder))` if busy
+    /// One attempt at slot `slot`: `Ok(Ok(held))` if taken, `Ok(Err(holder))` if busy
     /// (`None`: a concurrent insert won the race; try again soon).
     fn try_slot(
         &self,
         slot: i32,
         rng: &mut u64,
-    ) -> Result<std::result::Result<i64, Option<LeaseHolder>>> {
+    ) -> Result<std::result::Result<Held, Option<LeaseHolder>>> {
         // The first use of a slot creates its (expired) row; the next statement takes it.
         for _ in 0..3 {
             match self.try_slot_once(slot, rng)? {
@@ -323,7 +328,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
         &self,
         slot: i32,
         rng: &mut u64,
-    ) -> Result<Option<std::result::Result<i64, Option<LeaseHolder>>>> {
+    ) -> Result<Option<std::result::Result<Held, Option<LeaseHolder>>>> {
         let spec = &self.spec;
         let lease_us = spec.options.lease_us();
         let data = spec.options.data.as_deref();
@@ -385,7 +390,11 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             };
             let token: i64 = row.try_get(1)?;
             if locked {
-                return Ok(Some(Ok(token)));
+                return Ok(Some(Ok(Held {
+                    slot,
+                    token,
+                    nonce: Some(nonce),
+                })));
             }
             let remaining: i64 = row.try_get(3)?;
             Ok(Some(Err(Some(LeaseHolder {
@@ -442,8 +451,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
             let slot = ((start + i) % slots) as i32;
             let sent = Instant::now();
             match self.try_slot(slot, rng)? {
-                Ok(token) => {
-                    let held = Held { slot, token };
+                Ok(held) => {
                     let id = self.register(held, sent);
                     return Ok(Ok((id, held)));
                 }
@@ -645,6 +653,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                         (&spec.name, Type::TEXT),
                         (&held.slot, Type::INT4),
                         (&held.token, Type::INT8),
+                        (&held.nonce, Type::INT8),
                     ],
                 )
             },
@@ -809,9 +818,10 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                 (&spec.name, Type::TEXT),
                 (&held.slot, Type::INT4),
                 (&held.token, Type::INT8),
+                (&held.nonce, Type::INT8),
                 (&spec.payload, Type::TEXT),
             ];
-            let n = if spec.options.notify { 4 } else { 3 };
+            let n = if spec.options.notify { 5 } else { 4 };
             c.query_typed(sql, &params[..n]).map(|rows| rows.len())
         };
         // Releasing is keyed by the token, so it is safe to send again: after a
@@ -868,6 +878,7 @@ impl<M: ManageConnection<Connection = Client>> Shared<M> {
                     (&spec.name, Type::TEXT),
                     (&held.slot, Type::INT4),
                     (&held.token, Type::INT8),
+                    (&held.nonce, Type::INT8),
                 ],
             )
             .map_err(spec.db_error("fence"))?;

@@ -75,6 +75,14 @@ impl<M: ManageConnection<Connection = Client>> LeaseGuard<'_, M> {
     /// lease was taken, fixed for the whole lease, and larger than the token of every
     /// earlier acquisition of any lease in the table. Pass it to the systems you write to,
     /// so that they can refuse a stale holder.
+    ///
+    /// On one primary, that is. A failover that loses the last commits (asynchronous
+    /// replication) can lose the lease's row and the sequence's last WAL record with them:
+    /// the new primary then hands the lease, and possibly the same token, to another
+    /// holder while this one still trusts it (until its next heartbeat reports the loss:
+    /// renewals, [`fence`](LeaseGuard::fence) and the release also check which
+    /// acquisition holds the row, not only its token). Synchronous replication closes the
+    /// window.
     pub fn token(&self) -> i64 {
         self.held.token
     }

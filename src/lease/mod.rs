@@ -340,6 +340,10 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
     /// was released, or was taken over. An expired lease is never renewed. It touches no
     /// guard of this lock.
     ///
+    /// It knows the token alone, where a guard also knows its acquisition: after a
+    /// failover that lost the last commits and handed the same token out again (see
+    /// [`LeaseGuard::token`]), it renews the new holder's lease.
+    ///
     /// # Errors
     ///
     /// [`Error::Pool`] or [`Error::Database`] if the statement could not be sent or
@@ -361,7 +365,14 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
     /// # }
     /// ```
     pub fn renew_token(&self, token: i64) -> Result<Option<Duration>> {
-        self.shared().renew(engine::Held { slot: 0, token }, None)
+        self.shared().renew(
+            engine::Held {
+                slot: 0,
+                token,
+                nonce: None,
+            },
+            None,
+        )
     }
 
     /// Releases the lease held with `token`, without a guard (see
@@ -370,7 +381,8 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
     /// function blocks only for that statement.
     ///
     /// Returns true if released, false if the token did not hold the lease any more (it
-    /// expired, was released, or was taken over).
+    /// expired, was released, or was taken over). Like
+    /// [`renew_token`](LeaseLock::renew_token), it knows the token alone.
     ///
     /// # Errors
     ///
@@ -391,10 +403,14 @@ impl<M: ManageConnection<Connection = Client>> LeaseLock<M> {
     /// # }
     /// ```
     pub fn unlock_token(&self, token: i64) -> Result<bool> {
-        Ok(self
-            .shared()
-            .release(engine::Held { slot: 0, token }, false)?
-            > 0)
+        Ok(self.shared().release(
+            engine::Held {
+                slot: 0,
+                token,
+                nonce: None,
+            },
+            false,
+        )? > 0)
     }
 
     /// A handle that cancels this lock's waits from another thread.

@@ -107,8 +107,9 @@ fn bounded_wait(ms: u32) -> String {
     format!("AND pg_catalog.set_config('lock_timeout', '{ms}', true) IS NOT NULL")
 }
 
-/// Renews slot `$2` of lease `$1` held with token `$3` for the lease length stored in
-/// its row, if it has not expired. Idempotent: safe to retry when a reply is lost. One
+/// Renews slot `$2` of lease `$1` held with token `$3` (and, unless `$4` is NULL, taken
+/// by the attempt with nonce `$4`: see [`HELD_BY`]) for the lease length stored in its
+/// row, if it has not expired. Idempotent: safe to retry when a reply is lost. One
 /// row if renewed, none if the lease expired or changed hands.
 ///
 /// A row lock held by another session is waited for at most `wait_ms`.
@@ -116,15 +117,16 @@ pub(crate) fn renew(table: &str, wait_ms: u32) -> String {
     format!(
         "UPDATE {table} SET renewed_at = pg_catalog.clock_timestamp(), \
          expires_at = pg_catalog.clock_timestamp() + lease_us * interval '1 microsecond' \
-         WHERE name = $1 AND slot = $2 AND token = $3 AND expires_at > pg_catalog.clock_timestamp() \
+         WHERE {HELD_BY} AND expires_at > pg_catalog.clock_timestamp() \
          {} RETURNING lease_us",
         bounded_wait(wait_ms)
     )
 }
 
-/// Releases slot `$2` of lease `$1` held with token `$3`: ends it now (keeping the row and
-/// its payload), or deletes the row when `delete`. With `notify`, also notifies
-/// [`CHANNEL`] with payload `$4` in the same statement. One row if released, none if the
+/// Releases slot `$2` of lease `$1` held with token `$3` (and nonce `$4`, see
+/// [`HELD_BY`]): ends it now (keeping the row and its payload), or deletes the row when
+/// `delete`. With `notify`, also notifies [`CHANNEL`] with payload `$5` in the same
+/// statement. One row if released, none if the
 /// lease had expired or changed hands.
 ///
 /// A row lock held by another session is waited for at most `wait_ms`.
@@ -135,16 +137,24 @@ pub(crate) fn unlock(table: &str, delete: bool, notify: bool, wait_ms: u32) -> S
         format!("UPDATE {table} SET expires_at = pg_catalog.clock_timestamp()")
     };
     let returning = if notify {
-        format!("pg_catalog.pg_notify('{CHANNEL}', $4)")
+        format!("pg_catalog.pg_notify('{CHANNEL}', $5)")
     } else {
         "1".to_owned()
     };
     format!(
-        "{head} WHERE name = $1 AND slot = $2 AND token = $3 \
+        "{head} WHERE {HELD_BY} \
          AND expires_at > pg_catalog.clock_timestamp() {} RETURNING {returning}",
         bounded_wait(wait_ms)
     )
 }
+
+/// The row of a hold: slot `$2` of lease `$1` with token `$3`, taken by the attempt with
+/// nonce `$4` (NULL: any, for the token-only calls). The token alone is not enough: a
+/// failover that loses the token sequence's last WAL record (asynchronous replication)
+/// makes the new primary hand a token out again, and the old holder would then renew,
+/// fence with and release the new holder's lease.
+const HELD_BY: &str =
+    "name = $1 AND slot = $2 AND token = $3 AND ($4::pg_catalog.int8 IS NULL OR nonce = $4)";
 
 /// The rows of lease `$1` (every slot), without taking it.
 pub(crate) fn read(table: &str) -> String {
@@ -156,12 +166,12 @@ pub(crate) fn read(table: &str) -> String {
 }
 
 /// Inside the caller's transaction: a row if slot `$2` of lease `$1` is still held with
-/// token `$3`, which is then locked `FOR SHARE` until the transaction ends, so that no
+/// token `$3` and nonce `$4` (see [`HELD_BY`]), which is then locked `FOR SHARE` until the transaction ends, so that no
 /// other holder can take the lease over before the transaction's writes commit. A stale
 /// token finds no row and locks nothing.
 pub(crate) fn fence(table: &str) -> String {
     format!(
-        "SELECT true FROM {table} WHERE name = $1 AND slot = $2 AND token = $3 \
+        "SELECT true FROM {table} WHERE {HELD_BY} \
          AND expires_at > pg_catalog.clock_timestamp() FOR SHARE"
     )
 }
@@ -213,7 +223,7 @@ mod tests {
             unlock(T, false, false, 250),
             unlock(T, true, false, 250),
         ] {
-            assert!(sql.contains("token = $3"), "{sql}");
+            assert!(sql.contains(HELD_BY), "{sql}");
             assert!(
                 sql.contains("expires_at > pg_catalog.clock_timestamp()"),
                 "{sql}"
@@ -230,7 +240,7 @@ mod tests {
         // A lock statement refuses a row marked with its own nonce.
         assert_eq!(lock(T, S).matches("nonce <> $7").count(), 2);
         assert!(unlock(T, true, false, 250).starts_with("DELETE"));
-        assert!(unlock(T, false, true, 250).contains("pg_notify('pglock_leases', $4)"));
+        assert!(unlock(T, false, true, 250).contains("pg_notify('pglock_leases', $5)"));
         assert!(!unlock(T, false, false, 250).contains("pg_notify"));
     }
 
