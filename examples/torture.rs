@@ -213,15 +213,18 @@ fn orchestrate(seconds: u64) -> Result<ExitCode, BoxError> {
             kills += 1;
             workers[i] = spawn_worker(i, until, &report)?;
         } else if fault == 1 && partitions {
-            let port = admin.query_opt(
-                "SELECT client_port FROM pg_stat_activity WHERE application_name LIKE $1 \
-                 AND client_port > 0 ORDER BY random() LIMIT 1",
+            let ports = admin.query_opt(
+                "SELECT client_port, inet_server_port() FROM pg_stat_activity \
+                 WHERE application_name LIKE $1 AND client_port > 0 ORDER BY random() LIMIT 1",
                 &[&format!("{APP}%")],
             )?;
-            if let Some(row) = port {
-                let port = u16::try_from(row.get::<_, i32>(0))?;
+            if let Some(row) = ports {
+                let ports = (
+                    u16::try_from(row.get::<_, i32>(0))?,
+                    u16::try_from(row.get::<_, i32>(1))?,
+                );
                 let heal_at = Instant::now() + Duration::from_millis(500) + rng.millis(3500);
-                cut.push((partition::Partition::cut(port), heal_at));
+                cut.push((partition::Partition::cut(ports), heal_at));
                 cuts += 1;
             }
         } else {

@@ -237,7 +237,7 @@ fn code_suffix(e: &postgres::Error) -> String {
     match e.code() {
         Some(code) => format!(" (SQLSTATE {})", code.code()),
         None if e.is_closed() => " (connection closed)".to_owned(),
-        None if timed_out(e) => " (the connection timed out: the network went silent)".to_owned(),
+        None if timed_out(e) => " (the connection timed out: the network was silent)".to_owned(),
         None => String::new(),
     }
 }

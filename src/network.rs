@@ -12,43 +12,56 @@ use std::time::Duration;
 /// about 15 minutes for unacknowledged data and never for a connection that is only
 /// waiting for an answer. The server, for its part, keeps the session of a client it
 /// no longer hears from, and that session's advisory locks, for 2 hours and 11 minutes
-/// (the default keepalive time plus nine probes). Every peer library we know leaves this
-/// to its users; most of them never set it.
+/// (the default keepalive time plus nine probes).
 ///
 /// `NetworkTimeout::new(within).apply(&mut config)` sets, on the connection settings a
 /// pool is built from:
 ///
-/// - on the client socket: TCP keepalives and `tcp_user_timeout`, so that any call on a
-///   connection whose network went silent fails within `within` (plus one keepalive
-///   interval) instead of blocking, and `connect_timeout` when none is set;
-/// - on the server's socket for the session, through the startup `options`
-///   (`tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count` and
-///   `tcp_user_timeout`, settings any role may change): the server ends the session of a
-///   client it stopped hearing from within the same bound, which frees its advisory
-///   locks for the next waiter. `client_connection_check_interval` (one keepalive
-///   interval) makes a backend that is busy (waiting for a lock, running a query) look
-///   at its socket too: without it, only an idle session notices a dead connection.
-///   That setting needs PostgreSQL 14 or later.
+/// - on the client socket: TCP keepalives and `tcp_user_timeout` (and `connect_timeout`
+///   when none is set), so that a connection that hears nothing from the server for
+///   `within` is given up, and the call on it fails instead of blocking;
+/// - on the server's socket for the session, through the startup `options`: TCP
+///   keepalives and `tcp_user_timeout` (`tcp_keepalives_idle`, `tcp_keepalives_interval`,
+///   `tcp_keepalives_count`, `tcp_user_timeout`: settings any role may change), so that
+///   the server ends the session of a client it heard nothing from for `within`, which
+///   frees its advisory locks for the next waiter;
+///   and `client_connection_check_interval`, so that a backend that is busy (waiting for
+///   a lock, running a query) looks at its socket too: without it, only an idle session
+///   notices a dead connection. That setting needs PostgreSQL 14 or later on a platform
+///   that has it (not Windows): elsewhere use [`client_only`](Self::client_only).
 ///
-/// The keepalives start after `within / 2` of silence and probe every `within / 6` (at
-/// least one second); `tcp_user_timeout` is `within`. A keepalive probe is a few bytes,
-/// answered by the peer's kernel: an idle holder costs nothing measurable.
+/// Keepalive probes go out every `within / 6` (at least one second) of silence, so an
+/// idle connection is never more than that far from its last sign of life: a cut of up
+/// to `within` minus one probe interval is ridden out by both ends, and a cut of `within`
+/// plus one probe interval never is. A probe is a few bytes, answered by the peer's
+/// kernel. Keepalives alone are not enough: TCP does not probe a connection with data in
+/// flight, and a cut that comes while a reply (or the acknowledgement of one) is on its
+/// way leaves the sender retransmitting for about 15 minutes (Linux's `tcp_retries2`);
+/// `tcp_user_timeout` bounds that too. Its cost: Linux also ends a connection whose peer
+/// keeps its receive window closed for longer than `within`, so a critical section that
+/// stops reading a large result half-way for longer than that loses its session (and its
+/// locks) although the network is fine; read results through, or pick a larger bound.
 ///
 /// What a caller sees when the network goes silent mid-call (`tests/partition.rs`, which
 /// drops one connection's packets with an `nftables` rule):
 ///
-/// - a waiting `lock()` (bounded or not) or a `try_lock()` fails within the bound with
-///   [`Error::Database`](crate::Error::Database) (the connection closed), and the
-///   connection is discarded, never returned to the pool;
+/// - the call's connection fails within `within` (plus a probe interval). A lock made from
+///   a pool then tries once more on a fresh connection, within what is left of the call's
+///   bound (a try gets one more try): when only that connection was cut, the call goes on
+///   as if nothing happened; when the network is still down, the checkout fails with
+///   [`Error::Pool`](crate::Error::Pool) within the pool's `connection_timeout` (or what
+///   is left of the bound). A connection never goes back to the pool dead;
 /// - a holder's next call returns within the bound and tells it the lock is gone:
 ///   [`SessionGuard::is_held`](crate::SessionGuard::is_held) returns `false`,
 ///   [`SessionGuard::unlock`](crate::SessionGuard::unlock) fails with
 ///   [`Error::LockLost`](crate::Error::LockLost);
 /// - the server frees a partitioned holder's locks within the bound, so a waiter gets
-///   the lock then instead of hours later;
+///   them then instead of hours later. Not when the cut catches the server in the middle
+///   of sending a reply: then TCP's retransmission limit applies (about 15 minutes with
+///   Linux's default `tcp_retries2`);
 /// - a lease holder's own deadline runs out on time either way (it never depends on the
-///   network); with this setting, `unlock()` of a partitioned lease also returns within
-///   the bound instead of waiting for TCP.
+///   network); with this setting, its heartbeat and `unlock()` also return within the
+///   bound instead of waiting for TCP.
 ///
 /// Behind a pooler (PgBouncer), which refuses the startup `options` parameter unless told
 /// to ignore it, use [`client_only`](Self::client_only): the pooler's own
@@ -56,7 +69,7 @@ use std::time::Duration;
 /// there is no network, both ends ignore these settings.
 ///
 /// Pick `within` longer than the longest pause your network may take and still recover
-/// from (a few seconds for a LAN, 10-30 s across zones): a connection cut for longer is
+/// from (a few seconds for a LAN, 10-30 s across zones): a connection silent for longer is
 /// ended, and its locks are lost, even if the network would have come back.
 ///
 /// # Examples
@@ -85,11 +98,15 @@ impl NetworkTimeout {
     /// The shortest bound: TCP keepalives count in whole seconds.
     pub const MIN: Duration = Duration::from_secs(2);
 
+    /// The longest bound: one day (Linux takes keepalive times up to about 9 hours).
+    pub const MAX: Duration = Duration::from_secs(86_400);
+
     /// Connections whose network went silent are given up within `within`, on both ends.
     ///
-    /// `within` is rounded up to whole seconds and is at least [`MIN`](Self::MIN) (2 s);
-    /// [`within`](Self::within) tells the bound in effect. Nothing is validated against
-    /// a server here: the settings take effect as each new connection is made.
+    /// `within` is rounded up to whole seconds and kept between [`MIN`](Self::MIN) (2 s)
+    /// and [`MAX`](Self::MAX) (1 day); [`within`](Self::within) tells the bound in effect.
+    /// Nothing is validated against a server here: the settings take effect as each new
+    /// connection is made.
     ///
     /// # Examples
     ///
@@ -100,12 +117,13 @@ impl NetworkTimeout {
     /// let bound = NetworkTimeout::new(Duration::from_millis(7500));
     /// assert_eq!(bound.within(), Duration::from_secs(8));
     /// assert_eq!(NetworkTimeout::new(Duration::ZERO).within(), NetworkTimeout::MIN);
+    /// assert_eq!(NetworkTimeout::new(Duration::MAX).within(), NetworkTimeout::MAX);
     /// ```
     pub fn new(within: Duration) -> Self {
         let secs = within
             .as_secs()
             .saturating_add(u64::from(within.subsec_nanos() > 0));
-        let secs = secs.clamp(Self::MIN.as_secs(), MAX_SECS);
+        let secs = secs.clamp(Self::MIN.as_secs(), Self::MAX.as_secs());
         NetworkTimeout {
             within: Duration::from_secs(secs),
             server: true,
@@ -139,8 +157,8 @@ impl NetworkTimeout {
 
     /// Applies the settings to `config`: keepalives, `tcp_user_timeout` and (when none is
     /// set) `connect_timeout` for the client, and, unless [`client_only`](Self::client_only),
-    /// the server's keepalive settings appended to the startup `options` (after any
-    /// already there, so these win).
+    /// the server's keepalives and `client_connection_check_interval` appended to the
+    /// startup `options` (after any already there, so these win).
     ///
     /// # Examples
     ///
@@ -152,14 +170,15 @@ impl NetworkTimeout {
     ///     .parse()
     ///     .unwrap();
     /// NetworkTimeout::new(Duration::from_secs(12)).apply(&mut config);
-    /// assert_eq!(config.get_keepalives_idle(), Duration::from_secs(6));
+    /// assert_eq!(config.get_keepalives_idle(), Duration::from_secs(2));
     /// assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(2)));
+    /// assert_eq!(config.get_keepalives_retries(), Some(5));
     /// assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(12)));
     /// assert_eq!(
     ///     config.get_options(),
     ///     Some(
-    ///         "-c search_path=app -c tcp_keepalives_idle=6 -c tcp_keepalives_interval=2 \
-    ///          -c tcp_keepalives_count=3 -c tcp_user_timeout=12000 \
+    ///         "-c search_path=app -c tcp_keepalives_idle=2 -c tcp_keepalives_interval=2 \
+    ///          -c tcp_keepalives_count=5 -c tcp_user_timeout=12000 \
     ///          -c client_connection_check_interval=2000"
     ///     )
     /// );
@@ -200,8 +219,8 @@ impl NetworkTimeout {
     ///
     /// assert_eq!(
     ///     NetworkTimeout::new(Duration::from_secs(30)).server_sql(),
-    ///     "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; \
-    ///      SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000; \
+    ///     "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 5; \
+    ///      SET tcp_keepalives_count = 5; SET tcp_user_timeout = 30000; \
     ///      SET client_connection_check_interval = 5000"
     /// );
     /// ```
@@ -213,18 +232,21 @@ impl NetworkTimeout {
             .join("; ")
     }
 
+    /// Probes every `within / 6` of silence (at least 1 s), as many as fit in the rest of
+    /// the bound: the last sign of life is never more than one interval old when a cut
+    /// starts, and the silence that ends a connection is `idle + count × interval`,
+    /// `within` (give or take a second of rounding).
     fn probes(&self) -> Probes {
         let secs = self.within.as_secs();
+        let interval = (secs / 6).max(1);
+        let count = ((secs - interval) / interval).clamp(1, 127);
         Probes {
-            idle: secs.div_ceil(2),
-            interval: (secs / 6).max(1),
-            count: 3,
+            idle: interval,
+            interval,
+            count: count as u32,
         }
     }
 }
-
-/// PostgreSQL's `tcp_user_timeout` is an `int` of milliseconds.
-const MAX_SECS: u64 = i32::MAX as u64 / 1000;
 
 /// Keepalive timing in whole seconds.
 struct Probes {
@@ -234,16 +256,13 @@ struct Probes {
 }
 
 /// The server's settings, by name. Only integers.
-fn server_settings(p: &Probes, within: Duration) -> [(&'static str, u128); 5] {
+fn server_settings(p: &Probes, within: Duration) -> [(&'static str, u64); 5] {
     [
-        ("tcp_keepalives_idle", u128::from(p.idle)),
-        ("tcp_keepalives_interval", u128::from(p.interval)),
-        ("tcp_keepalives_count", u128::from(p.count)),
-        ("tcp_user_timeout", within.as_millis()),
-        (
-            "client_connection_check_interval",
-            u128::from(p.interval) * 1000,
-        ),
+        ("tcp_keepalives_idle", p.idle),
+        ("tcp_keepalives_interval", p.interval),
+        ("tcp_keepalives_count", u64::from(p.count)),
+        ("tcp_user_timeout", within.as_secs() * 1000),
+        ("client_connection_check_interval", p.interval * 1000),
     ]
 }
 
@@ -261,36 +280,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn probes_fit_inside_the_bound() {
-        for secs in [2, 3, 5, 10, 30, 600] {
-            let t = NetworkTimeout::new(Duration::from_secs(secs));
-            let p = t.probes();
-            assert!(p.idle >= 1 && p.interval >= 1, "{secs}");
-            // The first probe goes out by the bound, so that tcp_user_timeout can end the
-            // connection at the first probe tick after it.
+    fn probes_fill_the_bound() {
+        for secs in [2, 3, 4, 5, 10, 30, 600, 86_400] {
+            let p = NetworkTimeout::new(Duration::from_secs(secs)).probes();
+            assert!(p.idle >= 1 && p.interval >= 1 && p.count >= 1, "{secs}");
+            // Linux's limits: idle and interval up to 32767 s, at most 127 probes.
             assert!(
-                p.idle + p.interval <= secs,
-                "{secs}: {}+{}",
-                p.idle,
-                p.interval
+                p.idle <= 32_767 && p.interval <= 32_767 && p.count <= 127,
+                "{secs}"
+            );
+            // The silence that ends a connection is the bound, give or take rounding.
+            let silence = p.idle + u64::from(p.count) * p.interval;
+            assert!(
+                silence <= secs && silence + p.interval > secs,
+                "{secs}: {silence}"
             );
         }
     }
 
     #[test]
     fn the_bound_is_rounded_up_and_clamped() {
-        assert_eq!(
-            NetworkTimeout::new(Duration::from_millis(2001)).within(),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            NetworkTimeout::new(Duration::from_secs(1)).within(),
-            NetworkTimeout::MIN
-        );
-        assert_eq!(
-            NetworkTimeout::new(Duration::MAX).within(),
-            Duration::from_secs(MAX_SECS)
-        );
+        let t = |d| NetworkTimeout::new(d).within();
+        assert_eq!(t(Duration::from_millis(2001)), Duration::from_secs(3));
+        assert_eq!(t(Duration::from_secs(1)), NetworkTimeout::MIN);
+        assert_eq!(t(Duration::from_secs(10_000_000)), NetworkTimeout::MAX);
     }
 
     #[test]
@@ -298,7 +311,7 @@ mod tests {
         let t = NetworkTimeout::new(Duration::from_secs(10));
         assert_eq!(
             server_options(&t.probes(), t.within()),
-            "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 \
+            "-c tcp_keepalives_idle=1 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=9 \
              -c tcp_user_timeout=10000 -c client_connection_check_interval=1000"
         );
     }
@@ -313,5 +326,6 @@ mod tests {
         assert_eq!(config.get_options(), Some("-c search_path=app"));
         assert!(config.get_keepalives());
         assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
     }
 }

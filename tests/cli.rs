@@ -131,6 +131,18 @@ fn backend_of(admin: &mut postgres::Client, pid: u32) -> i32 {
     backend.unwrap()
 }
 
+/// The client and server ports of backend `pid`'s connection.
+fn ports_of(admin: &mut postgres::Client, pid: i32) -> (u16, u16) {
+    let row = admin
+        .query_one(
+            "SELECT client_port, inet_server_port() FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .unwrap();
+    let port = |i| u16::try_from(row.get::<_, i32>(i)).unwrap();
+    (port(0), port(1))
+}
+
 /// A lock held by the test itself, on a connection named `holder`.
 fn hold() -> (common::Pool, i32) {
     let mut config = common::config();
@@ -485,14 +497,7 @@ fn a_silent_network_ends_the_run_and_frees_the_lock_within_the_network_timeout()
     assert_eq!(line(&mut out), "ready");
     let mut admin = admin();
     let backend = backend_of(&mut admin, run.id());
-    let port: i32 = admin
-        .query_one(
-            "SELECT client_port FROM pg_stat_activity WHERE pid = $1",
-            &[&backend],
-        )
-        .unwrap()
-        .get(0);
-    let cut = common::partition::Partition::cut(u16::try_from(port).unwrap());
+    let cut = common::partition::Partition::cut(ports_of(&mut admin, backend));
     let start = Instant::now();
     assert_eq!(line(&mut out), "got TERM");
     let noticed = start.elapsed();
@@ -512,6 +517,47 @@ fn a_silent_network_ends_the_run_and_frees_the_lock_within_the_network_timeout()
     let bound = Duration::from_secs(4 + 8);
     assert!(noticed < bound, "{noticed:?}");
     assert!(freed < bound, "{freed:?}");
+}
+
+/// A run whose first session ended while it waited reconnects, and its new session gets
+/// the same settings: cut off the network, it is freed by the server within the bound too.
+#[test]
+fn a_run_that_reconnected_keeps_its_network_timeout_on_the_server() {
+    let name = unique_name!();
+    let key = LockKey::from_name(&name);
+    let (pool, _) = hold();
+    let mut lock = SessionLock::new(&pool, name.as_str()).unwrap();
+    let guard = lock.lock().unwrap();
+    let script = "echo ready; while :; do sleep 0.01; done";
+    let (mut run, mut out) = spawn(&["run", "--network-timeout", "4", &name, "-c", script]);
+    let mut admin = admin();
+    common::wait_for_waiters(&mut admin, &key, 1);
+    let first = backend_of(&mut admin, run.id());
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .unwrap();
+    // pglock waits again, on a new session.
+    wait_until("pglock waits again on a new session", LONG, || {
+        let waiting = common::locks_on(&mut admin, &key);
+        waiting.len() == 2 && waiting.iter().all(|l| l.0 != first)
+    });
+    drop(guard);
+    assert_eq!(line(&mut out), "ready");
+    let second = backend_of(&mut admin, run.id());
+    assert_ne!(first, second);
+    let cut = common::partition::Partition::cut(ports_of(&mut admin, second));
+    let start = Instant::now();
+    let mut freed = None;
+    wait_until("the server freed the cut run's lock", LONG, || {
+        let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
+        freed = Some(start.elapsed());
+        out.status.code() == Some(0)
+    });
+    drop(cut);
+    let freed = freed.unwrap();
+    eprintln!("a reconnected run cut off the network: its lock was free {freed:?} after the cut");
+    assert!(freed < Duration::from_secs(4 + 8), "{freed:?}");
+    assert_eq!(wait_exit(&mut run, LONG).code(), Some(75));
 }
 
 #[test]

@@ -24,6 +24,10 @@ use crate::options::{timeout_ms, LockOptions};
 use crate::wait::{self, Limit, Outcome};
 use crate::{Error, LockKey, LockMode, Result, WaitMode};
 
+/// The least time a retry's checkout is given, even when its call's bound is (nearly)
+/// spent: enough to take an idle connection or make one on a nearby server.
+const MIN_CHECKOUT: Duration = Duration::from_millis(100);
+
 /// One row of a reply, every column as text (`None` for NULL or a missing column).
 type Row = Vec<Option<String>>;
 
@@ -103,7 +107,24 @@ impl<S: Scope> Core<S> {
     where
         M: ManageConnection<Connection = Client>,
     {
-        pool.get().map_err(|source| Error::Pool {
+        self.checkout_within(pool, None)
+    }
+
+    /// A checkout that gives up after `within` when that is sooner than the pool's own
+    /// `connection_timeout`.
+    pub(crate) fn checkout_within<M>(
+        &self,
+        pool: &Pool<M>,
+        within: Option<Duration>,
+    ) -> Result<PooledConnection<M>>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let got = match within {
+            Some(d) if d < pool.connection_timeout() => pool.get_timeout(d.max(MIN_CHECKOUT)),
+            _ => pool.get(),
+        };
+        got.map_err(|source| Error::Pool {
             key: self.spec.key.clone(),
             source,
         })

@@ -530,7 +530,7 @@ where
     /// # }
     /// ```
     pub fn into_connection(mut self) -> Result<PooledConnection<M>> {
-        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core, None)?;
         self.core.release_leaked(conn);
         let conn = self.conn.take();
         conn.ok_or_else(|| self.core.lost(crate::LostReason::SessionEnded, None))
@@ -562,11 +562,12 @@ where
     }
 
     /// The lock's live connection: the current one, or a fresh one from the pool when it
-    /// died.
+    /// died, checked out within `within` when given (else the pool's `connection_timeout`).
     fn connect<'c>(
         conn: &'c mut Option<PooledConnection<M>>,
         pool: &Option<Pool<M>>,
         core: &mut Core<S>,
+        within: Option<Duration>,
     ) -> Result<&'c mut PooledConnection<M>> {
         let dead = core.is_dead() || conn.as_mut().is_none_or(|c| c.is_closed());
         if let (true, Some(pool)) = (dead, pool) {
@@ -577,7 +578,7 @@ where
                     let _ = old.simple_query("");
                 }
             }
-            let fresh = core.checkout(pool)?;
+            let fresh = core.checkout_within(pool, within)?;
             core.connected(&fresh);
             *conn = Some(fresh);
         }
@@ -600,23 +601,25 @@ where
     }
 
     /// Takes the lock within `limit` on the lock's live connection. A session found dead
-    /// by the attempt itself (terminated while idle) held nothing: with a pool, the
-    /// attempt is made once more on a fresh connection, within what is left of `limit`.
-    /// Not when the network went silent (the connection timed out): the call's bound is
-    /// spent, and a fresh connection would most likely go the same way.
+    /// by the attempt itself (terminated while idle, cut off the network) held nothing:
+    /// with a pool, the attempt is made once more on a fresh connection, within what is
+    /// left of `limit` (the checkout too), so that the call never outlasts its bound by
+    /// more than the time it took to find the connection dead.
     fn acquire_outcome(&mut self, limit: Limit) -> Result<Outcome> {
         let start = Instant::now();
-        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+        let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core, None)?;
         match self.core.acquire(conn, limit) {
             // Not after a cancel (sticky) or a timeout: only a session that was gone.
             Err(e @ Error::Database { .. }) if self.core.is_dead() && self.pool.is_some() => {
-                let left = match &e {
-                    Error::Database { source, .. } if crate::error::timed_out(source) => None,
-                    _ => limit.left_after(start.elapsed()),
-                };
-                let Some(left) = left else { return Err(e) };
+                // What is left of the bound, for the checkout and the attempt; a spent
+                // bound still gets one try, as a lock found dead before its call would.
+                let left = limit.left_after(start.elapsed()).unwrap_or(Limit::Try);
                 log::debug!("{e}; again on a fresh connection");
-                let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core)?;
+                let checkout = match left {
+                    Limit::For(d) => Some(d),
+                    Limit::Try | Limit::Forever => None,
+                };
+                let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core, checkout)?;
                 match self.core.acquire(conn, left)? {
                     Outcome::Busy { .. } => Ok(Outcome::Busy {
                         waited: start.elapsed(),

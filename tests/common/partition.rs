@@ -1,6 +1,6 @@
-//! A network partition of one TCP connection on loopback, like a pulled cable: an
-//! `nftables` rule drops every packet to or from the connection's client port, both ways,
-//! without closing anything. Needs root (CAP_NET_ADMIN) and the `nft` command;
+//! A network partition on loopback, like a pulled cable: an `nftables` rule drops every
+//! packet of one TCP connection (matched by both its ports), or of every connection to a
+//! listening port, both ways, without closing anything. Needs root (CAP_NET_ADMIN) and the `nft` command;
 //! `ci/with-postgres` installs Debian's nftables package when run as root.
 
 use std::io::Write;
@@ -16,20 +16,44 @@ pub struct Partition {
     port: u16,
 }
 
-/// The client-side TCP port of `client`'s connection, as the server sees it.
-pub fn client_port(client: &mut Client) -> u16 {
-    let port: i32 = client
-        .query_one("SELECT inet_client_port()", &[])
-        .expect("inet_client_port()")
-        .try_get::<_, Option<i32>>(0)
-        .expect("inet_client_port()")
-        .expect("the connection is not over TCP (a Unix-domain socket cannot be partitioned)");
-    u16::try_from(port).expect("a TCP port")
+/// The two ports of `client`'s TCP connection, as the server sees them: (the client's,
+/// the server's).
+pub fn ports(client: &mut Client) -> (u16, u16) {
+    let row = client
+        .query_one("SELECT inet_client_port(), inet_server_port()", &[])
+        .expect("inet_client_port()");
+    let port = |i| {
+        let port: Option<i32> = row.try_get(i).expect("a port");
+        let port =
+            port.expect("the connection is not over TCP (a Unix-domain socket cannot be cut)");
+        u16::try_from(port).expect("a TCP port")
+    };
+    (port(0), port(1))
 }
 
 impl Partition {
-    /// Drops every packet of the TCP connection whose client port is `port`.
-    pub fn cut(port: u16) -> Partition {
+    /// Drops every packet of the one TCP connection between the client port and the
+    /// server port of `ports` (on loopback), both ways.
+    pub fn cut((client, server): (u16, u16)) -> Partition {
+        Partition::with_rules(
+            client,
+            &format!(
+                "tcp sport {client} tcp dport {server} drop\n  \
+                 tcp sport {server} tcp dport {client} drop"
+            ),
+        )
+    }
+
+    /// Drops every packet to and from the listening port `port`, both ways: every
+    /// connection to it, open or new, as if its host vanished.
+    pub fn cut_listener(port: u16) -> Partition {
+        Partition::with_rules(
+            port,
+            &format!("tcp sport {port} drop\n  tcp dport {port} drop"),
+        )
+    }
+
+    fn with_rules(port: u16, rules: &str) -> Partition {
         // Named after this process (so that ci/with-postgres can remove the rules of a
         // process that died), the port, and a count (one port may be cut twice).
         static CUTS: AtomicU64 = AtomicU64::new(0);
@@ -37,7 +61,7 @@ impl Partition {
         let table = format!("pglock_partition_{}_{port}_{n}", std::process::id());
         let rules = format!(
             "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
-             tcp sport {port} drop\n  tcp dport {port} drop\n }}\n}}\n"
+             {rules}\n }}\n}}\n"
         );
         if let Err(e) = nft(&["-f", "-"], Some(&rules)) {
             panic!("{e}");
@@ -45,7 +69,7 @@ impl Partition {
         Partition { table, port }
     }
 
-    /// The cut connection's client port.
+    /// The port the rules name.
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -97,6 +97,16 @@ impl FaultProxy {
 
     /// A pool of `size` connections through the proxy.
     pub fn pool(&self, size: u32) -> super::Pool {
+        super::pool_with(size, self.config())
+    }
+
+    /// The port the proxy listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connection settings that go through the proxy.
+    pub fn config(&self) -> postgres::Config {
         let server = super::config();
         let mut config = postgres::Config::new();
         config.host("127.0.0.1").port(self.port);
@@ -109,6 +119,6 @@ impl FaultProxy {
         if let Some(dbname) = server.get_dbname() {
             config.dbname(dbname);
         }
-        super::pool_with(size, config)
+        config
     }
 }

@@ -59,10 +59,11 @@ pub(crate) struct Conn {
     #[arg(long, global = true, value_name = "DSN")]
     pub(crate) dsn: Option<String>,
 
-    /// Give up a connection whose network went silent for SECS (TCP keepalives and
-    /// tcp_user_timeout; on the server's side too for an advisory lock, so that it frees
-    /// the lock of a pglock it stopped hearing from); 0 keeps the system's TCP defaults
-    /// (hours)
+    /// Give up a connection that heard nothing from the other end for SECS (TCP
+    /// keepalives and tcp_user_timeout; on the server's side too for an advisory lock, so
+    /// that it frees the lock of a pglock it stopped hearing from): a shorter network
+    /// outage is ridden out. Raised to 2, at most 86400; 0 keeps the system's TCP
+    /// defaults (hours)
     #[arg(long, global = true, value_name = "SECS", default_value = "30",
           value_parser = parse_secs)]
     pub(crate) network_timeout: Duration,

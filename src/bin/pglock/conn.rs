@@ -104,25 +104,31 @@ impl Target {
         if let Session::Advisory { name, direct } = session {
             check_advisory_session(&mut client, &config, name, direct)?;
         }
-        if session != Session::Lease {
+        // Settings for an advisory lock's session, made again on every connection the
+        // pool makes later (a lock whose session ended reconnects): never for a lease or
+        // `status`, which may go through a transaction-mode pooler that would hand session
+        // settings on to other clients.
+        let mut setup = Vec::new();
+        if let Session::Advisory { .. } = session {
             // The server's half of --network-timeout: it ends the session, and frees the
             // lock, of a pglock it stopped hearing from (PostgreSQL 14 and later take the
             // whole batch; older ones refuse it and keep their TCP defaults).
             if let Some(network) = self.network {
-                let _ = client.batch_execute(&network.server_sql());
+                setup.push(network.server_sql());
             }
             // Where the server can (PostgreSQL 14 and later, on Linux), have it check
             // every second that pglock is still connected while a statement runs: a
             // pglock killed in the middle of its wait leaves no orphan waiter behind.
             // Elsewhere the setting is refused, and the server notices only when the
             // wait ends.
-            let _ = client.batch_execute("SET client_connection_check_interval = 1000");
+            setup.push("SET client_connection_check_interval = 1000".to_owned());
             // A role's or database's idle_session_timeout would end the session, and
             // with it the lock, while the command runs and pglock sends nothing
             // (PostgreSQL 14 and later; older servers refuse the setting, and have no
             // such timeout).
-            let _ = client.batch_execute("SET idle_session_timeout = 0");
+            setup.push("SET idle_session_timeout = 0".to_owned());
         }
+        set_up(&mut client, &setup);
         let timeout = config
             .get_connect_timeout()
             .copied()
@@ -130,6 +136,7 @@ impl Target {
         let manager = FirstThenConnect {
             first: Mutex::new(Some(client)),
             inner: PostgresConnectionManager::new(config, NoTls),
+            setup,
         };
         Ok(r2d2::Pool::builder()
             .max_size(1)
@@ -144,13 +151,14 @@ impl Target {
 pub(crate) enum Session<'a> {
     /// A session advisory lock on the key of `name` (`None`: slot keys, no name to
     /// hash on the server). The session must be on a primary and not behind a pooler
-    /// (unless `direct`), and gets `client_connection_check_interval = 1000` and
-    /// `idle_session_timeout = 0`.
+    /// (unless `direct`), and gets the server's half of `--network-timeout`,
+    /// `client_connection_check_interval = 1000` and `idle_session_timeout = 0`, as does
+    /// every later connection of its pool.
     Advisory { name: Option<&'a str>, direct: bool },
     /// A lease: stateless statements that may go through a transaction-mode pooler,
     /// which would hand session settings on to other clients. Nothing is set.
     Lease,
-    /// `pglock status`: the session settings, no checks.
+    /// `pglock status`: no checks, nothing set (it may go through a pooler too).
     Inspect,
 }
 
@@ -303,6 +311,18 @@ pub(crate) type Pool = r2d2::Pool<FirstThenConnect>;
 pub(crate) struct FirstThenConnect {
     first: Mutex<Option<Client>>,
     inner: PostgresConnectionManager<NoTls>,
+    /// Sent on every later connection, as on the first.
+    setup: Vec<String>,
+}
+
+/// Sends each setup statement on its own: a server that refuses one (too old) keeps the
+/// others.
+fn set_up(client: &mut Client, setup: &[String]) {
+    for sql in setup {
+        if let Err(e) = client.batch_execute(sql) {
+            log::debug!("{sql}: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for FirstThenConnect {
@@ -319,7 +339,11 @@ impl ManageConnection for FirstThenConnect {
         let first = self.first.lock().ok().and_then(|mut f| f.take());
         match first {
             Some(client) => Ok(client),
-            None => self.inner.connect(),
+            None => {
+                let mut client = self.inner.connect()?;
+                set_up(&mut client, &self.setup);
+                Ok(client)
+            }
         }
     }
 
