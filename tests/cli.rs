@@ -595,6 +595,8 @@ fn bad_input_is_a_usage_error_or_unavailable() {
     };
     let err = usage(&["run", "x"]);
     assert!(err.contains("Usage: pglock run"), "{err}");
+    let err = usage(&["--network-timeout", "100000", "key", "x"]);
+    assert!(err.contains("at most 86400"), "{err}");
     let err = usage(&["run", "x", "--bogus", "--", "true"]);
     assert!(err.contains("--bogus"), "{err}");
     // Without `--`, nothing runs: a typo in an option is never taken for the command.

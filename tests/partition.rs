@@ -340,6 +340,34 @@ fn a_cut_shorter_than_the_bound_is_ridden_out_and_the_lock_kept() {
 }
 
 #[test]
+fn a_call_in_flight_rides_out_a_cut_of_under_half_the_bound() {
+    // A query sent into the cut is resent by TCP with exponential backoff (on loopback
+    // 0.2, 0.6, 1.4, 3.0, 6.2 s after the first send): healed after 4 s, the resend at
+    // 6.2 s gets through, before the 10 s bound.
+    let key = unique_key!();
+    let (pool, cut_ports) = bounded_pool(Some(NetworkTimeout::new(Duration::from_secs(10))));
+    let mut holder = SessionLock::new(&pool, key.clone()).unwrap();
+    let mut held = holder.lock().unwrap();
+    let cut = Partition::cut(cut_ports);
+    let healer = thread::spawn(move || {
+        // The scenario: the network is gone for 4 s.
+        thread::sleep(Duration::from_secs(4));
+        drop(cut);
+    });
+    let start = Instant::now();
+    held.simple_query("SELECT 1")
+        .expect("a query sent into a 4 s cut under a 10 s bound");
+    eprintln!(
+        "a query sent into a 4 s cut (10 s bound) completed after {:?}",
+        start.elapsed()
+    );
+    healer.join().unwrap();
+    assert!(SessionGuard::is_held(&mut held).unwrap());
+    assert_eq!(holders(&mut admin(), &key), 1);
+    SessionGuard::unlock(held).unwrap();
+}
+
+#[test]
 fn a_reader_that_pauses_mid_result_keeps_its_lock_within_the_bound_and_loses_it_beyond() {
     // A critical section that stops reading a large result fills its receive buffer, and
     // the server waits with a closed window: Linux's tcp_user_timeout ends that too, as

@@ -288,3 +288,55 @@ fn lease_locks_exclude_behind_a_transaction_pooler() {
     }
     assert_eq!(count(&mut admin, name), 200);
 }
+
+/// A `TxLock` holder behind PgBouncer whose link to the pooler goes silent mid-transaction:
+/// its own calls are bounded by `NetworkTimeout::client_only()`, and PgBouncer, given the
+/// same bound in `pgbouncer.ini` (`ci/with-postgres` does), ends the client and with it the
+/// server session, which rolls back the transaction and frees the lock.
+#[test]
+fn a_cut_off_tx_lock_holder_behind_pgbouncer_is_freed_by_the_poolers_own_bound() {
+    use common::partition::{own_connection_to, Partition};
+    use pglock::{NetworkTimeout, SessionLock};
+    use std::time::Instant;
+
+    let key = unique_key!();
+    let mut config = pgbouncer_config();
+    let bouncer_port = config.get_ports()[0];
+    NetworkTimeout::new(Duration::from_secs(4))
+        .client_only()
+        .apply(&mut config);
+    let pool = pool_with(1, config);
+    let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+    let mut cut_at = None;
+    let mut cut = None;
+    let result = lock.with_lock(|tx| -> Result<(), Error> {
+        tx.simple_query("SELECT 1").unwrap();
+        cut = Some(Partition::cut(own_connection_to(bouncer_port)));
+        cut_at = Some(Instant::now());
+        Ok(())
+    });
+    let cut_at = cut_at.unwrap();
+    let noticed = cut_at.elapsed();
+    eprintln!("the cut-off holder's with_lock returned after {noticed:?}: {result:?}");
+    assert!(
+        result.is_err(),
+        "a commit through a cut connection succeeded"
+    );
+    assert!(noticed < Duration::from_secs(4 + 8), "{noticed:?}");
+
+    // A waiter connected directly to the server gets the lock once PgBouncer has ended
+    // the silent client and its server session.
+    let direct = common::pool(1);
+    let mut waiter = SessionLock::with_options(
+        &direct,
+        key.clone(),
+        LockOptions::new().lock_timeout(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let granted = waiter.lock().expect("the lock, freed by PgBouncer");
+    let freed = cut_at.elapsed();
+    eprintln!("behind PgBouncer, the cut-off TxLock's lock was free {freed:?} after the cut");
+    assert!(freed < Duration::from_secs(4 + 8), "{freed:?}");
+    drop(granted);
+    drop(cut);
+}

@@ -121,7 +121,9 @@ impl<S: Scope> Core<S> {
         M: ManageConnection<Connection = Client>,
     {
         let got = match within {
-            Some(d) if d < pool.connection_timeout() => pool.get_timeout(d.max(MIN_CHECKOUT)),
+            Some(d) if d.max(MIN_CHECKOUT) < pool.connection_timeout() => {
+                pool.get_timeout(d.max(MIN_CHECKOUT))
+            }
             _ => pool.get(),
         };
         got.map_err(|source| Error::Pool {

@@ -612,13 +612,16 @@ where
             // Not after a cancel (sticky) or a timeout: only a session that was gone.
             Err(e @ Error::Database { .. }) if self.core.is_dead() && self.pool.is_some() => {
                 // What is left of the bound, for the checkout and the attempt; a spent
-                // bound still gets one try, as a lock found dead before its call would.
-                let left = limit.left_after(start.elapsed()).unwrap_or(Limit::Try);
-                log::debug!("{e}; again on a fresh connection");
-                let checkout = match left {
-                    Limit::For(d) => Some(d),
-                    Limit::Try | Limit::Forever => None,
+                // bound still gets one try, as a lock found dead before its call would,
+                // with a checkout of the least time.
+                let (left, checkout) = match limit {
+                    Limit::For(_) => match limit.left_after(start.elapsed()) {
+                        Some(Limit::For(d)) => (Limit::For(d), Some(d)),
+                        _ => (Limit::Try, Some(Duration::ZERO)),
+                    },
+                    other => (other, None),
                 };
+                log::debug!("{e}; again on a fresh connection");
                 let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core, checkout)?;
                 match self.core.acquire(conn, left)? {
                     Outcome::Busy { .. } => Ok(Outcome::Busy {

@@ -31,6 +31,44 @@ pub fn ports(client: &mut Client) -> (u16, u16) {
     (port(0), port(1))
 }
 
+/// The ports (this process's, `port`) of this process's one TCP connection to the
+/// loopback port `port`, read from `/proc` (for a connection the server cannot name, such
+/// as one to a pooler). Panics unless there is exactly one.
+pub fn own_connection_to(port: u16) -> (u16, u16) {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let target = target.to_string_lossy().into_owned();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+            {
+                inodes.insert(inode.to_owned());
+            }
+        }
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let hex_port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    let mine: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, inode) = (f[1], f[2], f[9]);
+            (hex_port(remote) == port && inodes.contains(inode)).then(|| hex_port(local))
+        })
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "connections of this process to port {port}: {mine:?}"
+    );
+    (mine[0], port)
+}
+
 impl Partition {
     /// Drops every packet of the one TCP connection between the client port and the
     /// server port of `ports` (on loopback), both ways.

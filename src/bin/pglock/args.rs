@@ -65,7 +65,7 @@ pub(crate) struct Conn {
     /// outage is ridden out. Raised to 2, at most 86400; 0 keeps the system's TCP
     /// defaults (hours)
     #[arg(long, global = true, value_name = "SECS", default_value = "30",
-          value_parser = parse_secs)]
+          value_parser = parse_network_timeout)]
     pub(crate) network_timeout: Duration,
 }
 
@@ -425,6 +425,18 @@ fn parse_slots(s: &str) -> Result<u32, String> {
             i32::MAX
         )),
     }
+}
+
+/// `--network-timeout`: 0 (off), else raised to 2 s, at most a day.
+fn parse_network_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d > pglock::NetworkTimeout::MAX {
+        return Err(format!(
+            "at most {} seconds (one day)",
+            pglock::NetworkTimeout::MAX.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 /// Seconds with fractions, within PostgreSQL's lock_timeout range.
