@@ -90,13 +90,13 @@
 //!   which fails once the session is gone.
 //! - **Network partitions.** If the holder's host is cut off without closing its socket,
 //!   the server keeps the lock until it notices the dead connection through TCP
-//!   keepalives: by default on Linux, after about two hours. Bound it on the server with
-//!   `tcp_keepalives_idle`, `tcp_keepalives_interval` and `tcp_keepalives_count` (and,
-//!   for a holder killed mid-statement, `client_connection_check_interval`); bound how
-//!   long the holder can go on unaware with the client's `keepalives_idle` and
-//!   `tcp_user_timeout` connection settings. Until then, a partitioned holder and the
-//!   server disagree about who holds the lock only if the holder keeps working without
-//!   talking to the server; work done through the lock's own connection fails instead.
+//!   keepalives: by default on Linux, after about two hours; a call waiting on such a
+//!   connection blocks until TCP gives up. Build the pool with [`NetworkTimeout`]: it
+//!   bounds both ends (keepalives, `tcp_user_timeout`, and the server's
+//!   `client_connection_check_interval`, which also frees the lock of a holder killed
+//!   mid-statement). Until the bound passes, a partitioned holder and the server disagree
+//!   about who holds the lock only if the holder keeps working without talking to the
+//!   server; work done through the lock's own connection fails instead.
 //! - **Transaction-mode poolers break session locks.** PgBouncer with
 //!   `pool_mode = transaction` sends each transaction to any server session, and serves
 //!   many clients from one server session. A session lock marks the server session it
