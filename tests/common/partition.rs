@@ -14,6 +14,8 @@ use postgres::Client;
 pub struct Partition {
     table: String,
     port: u16,
+    /// The client port reserved for the cut's length.
+    reserved: Option<u16>,
 }
 
 /// The two ports of `client`'s TCP connection, as the server sees them: (the client's,
@@ -72,14 +74,23 @@ pub fn own_connection_to(port: u16) -> (u16, u16) {
 impl Partition {
     /// Drops every packet of the one TCP connection between the client port and the
     /// server port of `ports` (on loopback), both ways.
+    ///
+    /// The client port is reserved (`ip_local_reserved_ports`) while the cut lasts: once
+    /// the cut connection dies its port is free at once (no TIME_WAIT after a timeout),
+    /// and another test's new connection to the same server could get it and be cut too.
     pub fn cut((client, server): (u16, u16)) -> Partition {
-        Partition::with_rules(
+        reserved_ports(|ports| {
+            ports.insert(client);
+        });
+        let mut cut = Partition::with_rules(
             client,
             &format!(
                 "tcp sport {client} tcp dport {server} drop\n  \
                  tcp sport {server} tcp dport {client} drop"
             ),
-        )
+        );
+        cut.reserved = Some(client);
+        cut
     }
 
     /// Drops every packet to and from the listening port `port`, both ways: every
@@ -104,7 +115,11 @@ impl Partition {
         if let Err(e) = nft(&["-f", "-"], Some(&rules)) {
             panic!("{e}");
         }
-        Partition { table, port }
+        Partition {
+            table,
+            port,
+            reserved: None,
+        }
     }
 
     /// The port the rules name.
@@ -118,6 +133,11 @@ impl Drop for Partition {
         // Never panic here: a test that already failed is unwinding.
         if let Err(e) = nft(&["delete", "table", "inet", &self.table], None) {
             eprintln!("could not remove the partition: {e}");
+        }
+        if let Some(port) = self.reserved {
+            reserved_ports(|ports| {
+                ports.remove(&port);
+            });
         }
     }
 }
@@ -150,5 +170,49 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<(), String> {
             "nft {args:?} failed: {}{how}",
             String::from_utf8_lossy(&out.stderr)
         ))
+    }
+}
+
+const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Changes the kernel's reserved local ports (ports no new connection is given), under a
+/// file lock shared by every test process. Failures are reported, never panicked on (it
+/// runs in `Drop` too).
+fn reserved_ports(change: impl FnOnce(&mut std::collections::BTreeSet<u16>)) {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("pglock-reserved-ports.lock"));
+    let lock = match lock {
+        Ok(file) => file,
+        Err(e) => return eprintln!("could not open the reserved ports' lock file: {e}"),
+    };
+    if let Err(e) = lock.lock() {
+        return eprintln!("could not lock the reserved ports' lock file: {e}");
+    }
+    // In one read: this file gives its list to the first read only, and read_to_string
+    // (which probes with 32 bytes first) would get it truncated.
+    let mut buf = vec![0u8; 1 << 16];
+    let n = std::fs::File::open(RESERVED)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut buf))
+        .unwrap_or(0);
+    let current = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut ports = std::collections::BTreeSet::new();
+    for part in current.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+            ports.extend(a..=b);
+        }
+    }
+    change(&mut ports);
+    let list = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    // An empty list is written as a newline.
+    if let Err(e) = std::fs::write(RESERVED, format!("{list}\n")) {
+        eprintln!("could not write {RESERVED}: {e}");
     }
 }
