@@ -248,12 +248,13 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
 /// session lock marker, or (behind a pooler, where another client's session lock sits on
 /// it) the other client's session does not hold `key`, which would make the grant
 /// re-entrant: two clients would both hold it. The `pg_locks` scan runs only in that rare
-/// case.
+/// case; it reads `pg_lock_status()`, not the `pg_locks` view over it, because the
+/// statement is planned on every call and the view costs about 0.1-0.2 ms more to plan.
 fn tx_free(key: &LockKey) -> String {
     format!(
-        "({MARKER} = '' OR NOT EXISTS (SELECT FROM pg_catalog.pg_locks \
-         WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = {} \
-         AND objid = {} AND objsubid = {} AND granted))",
+        "({MARKER} = '' OR NOT EXISTS (SELECT FROM pg_catalog.pg_lock_status() l \
+         WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
+         AND l.classid = {} AND l.objid = {} AND l.objsubid = {} AND l.granted))",
         key.classid(),
         key.objid(),
         key.objsubid()
@@ -456,9 +457,9 @@ mod tests {
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
         let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') = '' \
-             OR NOT EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
-             AND pid = pg_catalog.pg_backend_pid() AND classid = 1 AND objid = 4294967295 \
-             AND objsubid = 2 AND granted))";
+             OR NOT EXISTS (SELECT FROM pg_catalog.pg_lock_status() l \
+             WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
+             AND l.classid = 1 AND l.objid = 4294967295 AND l.objsubid = 2 AND l.granted))";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(

@@ -54,6 +54,8 @@ pub fn own_connection_to(port: u16) -> (u16, u16) {
     }
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     let hex_port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    // A set: /proc/net/tcp is made in pages while sockets come and go, and may list one
+    // twice.
     let mine: Vec<u16> = table
         .lines()
         .skip(1)
@@ -62,6 +64,8 @@ pub fn own_connection_to(port: u16) -> (u16, u16) {
             let (local, remote, inode) = (f[1], f[2], f[9]);
             (hex_port(remote) == port && inodes.contains(inode)).then(|| hex_port(local))
         })
+        .collect::<std::collections::BTreeSet<u16>>()
+        .into_iter()
         .collect();
     assert_eq!(
         mine.len(),
