@@ -143,6 +143,18 @@ fn ports_of(admin: &mut postgres::Client, pid: i32) -> (u16, u16) {
     (port(0), port(1))
 }
 
+/// How long after `start` a `pglock run -n` first took the lock `name`: the server freed
+/// it (a cut-off run's).
+fn freed_after(name: &str, start: Instant) -> Duration {
+    let mut freed = None;
+    wait_until("the server freed the cut run's lock", LONG, || {
+        let out = output(pglock().args(["run", "-n", name, "--", "true"]));
+        freed = Some(start.elapsed());
+        out.status.code() == Some(0)
+    });
+    freed.unwrap()
+}
+
 /// A lock held by the test itself, on a connection named `holder`.
 fn hold() -> (common::Pool, i32) {
     let mut config = common::config();
@@ -505,14 +517,8 @@ fn a_silent_network_ends_the_run_and_frees_the_lock_within_the_network_timeout()
     assert_eq!(status.code(), Some(75));
     let err = child_stderr(&mut run);
     assert!(err.contains("lost the lock"), "{err}");
-    let mut freed = None;
-    wait_until("the server freed the cut run's lock", LONG, || {
-        let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
-        freed = Some(start.elapsed());
-        out.status.code() == Some(0)
-    });
+    let freed = freed_after(&name, start);
     drop(cut);
-    let freed = freed.unwrap();
     eprintln!("--network-timeout 4: the command got SIGTERM {noticed:?}, the lock was free {freed:?} after the cut");
     let bound = Duration::from_secs(4 + 8);
     assert!(noticed < bound, "{noticed:?}");
@@ -547,14 +553,8 @@ fn a_run_that_reconnected_keeps_its_network_timeout_on_the_server() {
     assert_ne!(first, second);
     let cut = common::partition::Partition::cut(ports_of(&mut admin, second));
     let start = Instant::now();
-    let mut freed = None;
-    wait_until("the server freed the cut run's lock", LONG, || {
-        let out = output(pglock().args(["run", "-n", &name, "--", "true"]));
-        freed = Some(start.elapsed());
-        out.status.code() == Some(0)
-    });
+    let freed = freed_after(&name, start);
     drop(cut);
-    let freed = freed.unwrap();
     eprintln!("a reconnected run cut off the network: its lock was free {freed:?} after the cut");
     assert!(freed < Duration::from_secs(4 + 8), "{freed:?}");
     assert_eq!(wait_exit(&mut run, LONG).code(), Some(75));
