@@ -238,7 +238,10 @@ fn a_polling_waiter_lets_create_index_concurrently_finish() {
     common::wait_until("the poller has tried once", Duration::from_secs(10), || {
         admin
             .query_opt(
-                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_try_advisory_lock%'",
+                // The first try PREPAREs its statement (its text names the function);
+                // the next ones only EXECUTE it: either shows a try was made.
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 \
+                 AND (query LIKE '%pg_try_advisory_lock%' OR query LIKE '%EXECUTE pglock_%')",
                 &[&pid],
             )
             .unwrap()
