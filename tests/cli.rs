@@ -464,9 +464,12 @@ fn a_lost_lock_stops_the_commands_whole_process_group() {
     let term = std::fs::read_to_string(format!("{}.term", pids.display())).unwrap_or_default();
     assert_eq!(term, "got TERM\n");
 
+    // The command waits for its job to have written its pid: else, on a loaded machine,
+    // the group's kill could come before the job ran at all.
     let _ = std::fs::remove_file(&pids);
     let script = format!(
-        "sh -c 'echo $$ >> {0}; exec sleep 300' & echo left behind",
+        "sh -c 'echo $$ >> {0}; exec sleep 300' & until [ -s {0} ]; do sleep 0.01; done; \
+         echo left behind",
         pids.display()
     );
     let out = output(pglock().args(["run", &name, "-c", &script]));
