@@ -119,7 +119,7 @@ pub enum Error {
     SessionShared {
         /// The lock.
         key: LockKey,
-        /// The other client's marker on the server session (`pglock:<pid>:<id>`).
+        /// The other client's marker on the server session (`pglock:<pid>:<id>@<key>`).
         other: String,
     },
 

@@ -327,7 +327,7 @@ impl<S: Scope> Core<S> {
                     Err(e) => return Err(self.failed_acquire(conn, e)),
                 };
                 if learn {
-                    self.learn(&row, 2);
+                    self.learn(&row, 1);
                 }
                 if truthy(col(&row, 0)) {
                     return Ok(true);
@@ -980,7 +980,13 @@ impl Spec {
     fn new(key: LockKey, options: LockOptions) -> Result<Spec> {
         options.validate(&key)?;
         Ok(Spec {
-            token: format!("pglock:{}:{:x}", std::process::id(), wait::seed()),
+            // Ends with the key: see the session marker in sql.rs.
+            token: format!(
+                "pglock:{}:{:x}@{}",
+                std::process::id(),
+                wait::seed(),
+                sql::tx_marker(&key)
+            ),
             key,
             options,
         })
@@ -1239,7 +1245,10 @@ mod tests {
         assert!(spec
             .token
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == ':'));
+            .all(|c| c.is_ascii_alphanumeric() || ":@,-".contains(c)));
+        assert!(spec.token.ends_with("@1"), "{}", spec.token);
+        let pair = Spec::new(LockKey::pair(-1, 2), LockOptions::new()).unwrap();
+        assert!(pair.token.ends_with("@-1,2"), "{}", pair.token);
         let other = Spec::new(LockKey::new(1), LockOptions::new()).unwrap();
         assert_ne!(spec.token, other.token);
     }

@@ -3,7 +3,7 @@
 //!
 //! Every statement names its functions schema-qualified (`pg_catalog.`), so a hostile
 //! `search_path` cannot redirect them. Nothing but integers, the lock's own marker token
-//! (letters, digits and `:`) and fixed text is ever put into SQL text.
+//! (letters, digits, `:`, `@`, `,` and `-`) and fixed text is ever put into SQL text.
 //!
 //! Two protocols:
 //! - `SessionLock` sends one prepared statement per operation (`PREPARE` once per
@@ -15,7 +15,9 @@
 //!
 //! Placeholder settings used as markers (never listed in `pg_settings`):
 //! - `pglock.session_lock`: set, for the session, to the lock's token while a `SessionLock`
-//!   holds a lock on the server session, and cleared at unlock. A lock statement that finds
+//!   holds a lock on the server session, and cleared at unlock. The token ends with `@` and
+//!   the key (`@42`, `@1,-1`), so that a transaction lock can tell from it alone whether the
+//!   session lock it finds holds its key. A lock statement that finds
 //!   another token there runs on a server session that another client uses: a
 //!   transaction-mode pooler sits in between, and the statement takes nothing.
 //! - `pglock.tx_lock`: set, for the transaction, to the key of a `TxLock`; the commit checks
@@ -244,30 +246,36 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
     key.sql_args().replace(' ', "")
 }
 
-/// Whether a transaction lock may be taken on this server session: it carries no
-/// session lock marker, or (behind a pooler, where another client's session lock sits on
-/// it) the other client's session does not hold `key`, which would make the grant
-/// re-entrant: two clients would both hold it. The `pg_locks` scan runs only in that rare
-/// case; it reads `pg_lock_status()`, not the `pg_locks` view over it, because the
-/// statement is planned on every call and the view costs about 0.1-0.2 ms more to plan.
+/// Whether a transaction lock may be taken on this server session: its session marker (if
+/// any) does not name `key`. Behind a pooler another client's session lock may sit on the
+/// session, and a second grant of its key would be re-entrant: two clients would both hold
+/// it. The marker ends with the key its session lock holds, so the check is a string
+/// comparison: nothing to scan, and nothing more to plan on every call than the compare.
 fn tx_free(key: &LockKey) -> String {
+    format!("({MARKER} NOT LIKE '%@{}')", tx_marker(key))
+}
+
+/// Takes a transaction lock with `lock` (a function of `key`) where `key` is free on this
+/// server session, and then sets the transaction marker: true when taken, false (nothing
+/// tried) when the server session holds the key for another client's session lock. One
+/// expression, so the check is planned and run once.
+fn tx_lock_expr(lock: &str, key: &LockKey) -> String {
     format!(
-        "({MARKER} = '' OR NOT EXISTS (SELECT FROM pg_catalog.pg_lock_status() l \
-         WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
-         AND l.classid = {} AND l.objid = {} AND l.objsubid = {} AND l.granted))",
-        key.classid(),
-        key.objid(),
-        key.objsubid()
+        "(CASE WHEN {} THEN {lock}::text || pg_catalog.set_config('{TX_MARKER}', '{}', true) \
+         END) IS NOT NULL",
+        tx_free(key),
+        tx_marker(key)
     )
 }
 
 /// Transaction lock, one non-blocking try: `BEGIN` and the try in one batch. Columns of
 /// its row: whether it locked (NULL: the server session holds the key for another
-/// client's session lock, so nothing was tried), the marker, and with `learn` the settings.
+/// client's session lock, so nothing was tried), and with `learn` the settings.
 pub(crate) fn tx_try(mode: LockMode, key: &LockKey, learn: bool) -> String {
+    // The try returns false when busy: the marker is set only when it returns true.
     format!(
-        "BEGIN; SELECT CASE WHEN {} THEN pg_catalog.pg_try_advisory_xact_lock{}({}) END, \
-         pg_catalog.set_config('{TX_MARKER}', '{}', true){}",
+        "BEGIN; SELECT CASE WHEN {} THEN pg_catalog.pg_try_advisory_xact_lock{}({}) \
+         AND pg_catalog.set_config('{TX_MARKER}', '{}', true) IS NOT NULL END{}",
         tx_free(key),
         mode.fn_suffix(),
         key.sql_args(),
@@ -298,28 +306,25 @@ pub(crate) enum TxWait {
 
 /// Transaction lock, a wait bounded by `ms` (0: none), in a transaction that outlives the
 /// batch, so the critical section sees the session's own settings on every path. The
-/// last row is the wait's: whether the key was free to wait for on this server session
-/// (false: it holds the key for another client's session lock, and nothing was waited
-/// for), and the marker.
+/// last row's first column is the wait's: whether the key was free to wait for on this
+/// server session (false: it holds the key for another client's session lock, and
+/// nothing was waited for).
 pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, how: TxWait) -> String {
-    let (m, k, marker) = (mode.fn_suffix(), key.sql_args(), tx_marker(key));
-    let free = tx_free(key);
     let lock = format!(
-        "SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
-         CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock{m}({k})::text END"
+        "pg_catalog.pg_advisory_xact_lock{}({})",
+        mode.fn_suffix(),
+        key.sql_args()
     );
-    let set_lt = format!(
-        "pg_catalog.set_config('lock_timeout', '{ms}', true), \
-         CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock{m}({k})::text END, \
-         pg_catalog.set_config('lock_timeout', s.lt, true)"
-    );
-    let saved = "(SELECT pg_catalog.current_setting('lock_timeout') AS lt OFFSET 0) s";
+    let lock = tx_lock_expr(&lock, key);
+    // The subquery runs first (OFFSET 0 keeps it apart): it saves lock_timeout and sets
+    // the wait's; the lock's expression then runs, and the saved value is put back.
+    let set_lt = "(SELECT pg_catalog.current_setting('lock_timeout') AS lt, \
+         pg_catalog.set_config('lock_timeout', '{ms}', true) OFFSET 0) s"
+        .replace("{ms}", &ms.to_string());
+    let put_back = "pg_catalog.set_config('lock_timeout', s.lt, true)";
     match how {
-        TxWait::Plain => format!("BEGIN; {lock}"),
-        TxWait::SetLockTimeout => format!(
-            "BEGIN; SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), \
-             {set_lt} FROM {saved}"
-        ),
+        TxWait::Plain => format!("BEGIN; SELECT {lock}"),
+        TxWait::SetLockTimeout => format!("BEGIN; SELECT {lock}, {put_back} FROM {set_lt}"),
         TxWait::Lift => format!(
             "BEGIN; SELECT {SETTINGS}, \
              pg_catalog.set_config('pglock.saved_statement_timeout', \
@@ -327,13 +332,13 @@ pub(crate) fn tx_wait(mode: LockMode, key: &LockKey, ms: u32, how: TxWait) -> St
              pg_catalog.set_config('pglock.saved_transaction_timeout', \
              COALESCE(pg_catalog.current_setting('transaction_timeout', true), ''), true); \
              SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; \
-             SELECT {free}, pg_catalog.set_config('{TX_MARKER}', '{marker}', true), {set_lt}, \
+             SELECT {lock}, {put_back}, \
              pg_catalog.set_config('statement_timeout', \
              pg_catalog.current_setting('pglock.saved_statement_timeout'), true), \
              CASE WHEN pg_catalog.current_setting('pglock.saved_transaction_timeout') <> '' \
              THEN pg_catalog.set_config('transaction_timeout', \
              pg_catalog.current_setting('pglock.saved_transaction_timeout'), true) END \
-             FROM {saved}"
+             FROM {set_lt}"
         ),
     }
 }
@@ -456,16 +461,14 @@ mod tests {
     #[test]
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
-        let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') = '' \
-             OR NOT EXISTS (SELECT FROM pg_catalog.pg_lock_status() l \
-             WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
-             AND l.classid = 1 AND l.objid = 4294967295 AND l.objsubid = 2 AND l.granted))";
+        let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
+             NOT LIKE '%@1,-1')";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(
                 "BEGIN; SELECT CASE WHEN {free} THEN \
-                 pg_catalog.pg_try_advisory_xact_lock_shared(1, -1) END, \
-                 pg_catalog.set_config('pglock.tx_lock', '1,-1', true)"
+                 pg_catalog.pg_try_advisory_xact_lock_shared(1, -1) \
+                 AND pg_catalog.set_config('pglock.tx_lock', '1,-1', true) IS NOT NULL END"
             )
         );
         assert!(tx_try(LockMode::Shared, &key, true).ends_with(SETTINGS));
@@ -473,18 +476,19 @@ mod tests {
         assert_eq!(
             plain,
             format!(
-                "BEGIN; SELECT {free}, pg_catalog.set_config('pglock.tx_lock', '1,-1', true), \
-                 CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock(1, -1)::text END"
+                "BEGIN; SELECT (CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock(1, -1)::text \
+                 || pg_catalog.set_config('pglock.tx_lock', '1,-1', true) END) IS NOT NULL"
             )
         );
+        assert_eq!(plain.matches("pglock.session_lock").count(), 1, "{plain}");
         let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
         assert!(
-            fast.starts_with(&format!("BEGIN; SELECT {free}, ")),
+            fast.starts_with(&format!("BEGIN; SELECT (CASE WHEN {free} THEN ")),
             "{fast}"
         );
         assert!(!fast.contains("SET LOCAL"), "{fast}");
         assert!(
-            fast.contains("set_config('lock_timeout', '250', true)"),
+            fast.contains("set_config('lock_timeout', '250', true) OFFSET 0) s"),
             "{fast}"
         );
         assert!(
