@@ -313,13 +313,12 @@ impl<S: Scope> Core<S> {
                     Err(e) => return Err(self.failed_acquire(conn, e)),
                 };
                 if learn {
-                    self.learn(&row, 2);
+                    self.learn(&row, 1);
                 }
-                match col(&row, 0) {
-                    Some("") => Ok(false),
-                    Some(_) => Ok(true),
-                    None => Err(self.shared_session(col(&row, 1))),
+                if let Some(other) = sql::shared_marker(col(&row, 0)) {
+                    return Err(self.shared_session(Some(other)));
                 }
+                Ok(col(&row, 0) != Some(""))
             }
             Kind::Transaction => {
                 let row = match simple(conn, &sql::tx_try(mode, key, learn)) {
@@ -402,8 +401,10 @@ impl<S: Scope> Core<S> {
                     self.learn(&first, 0);
                 }
                 let row = last(rows);
-                if S::KIND == Kind::Session && col(&row, 0).is_none() {
-                    return Err(self.shared_session(col(&row, 1)));
+                if S::KIND == Kind::Session {
+                    if let Some(other) = sql::shared_marker(col(&row, 0)) {
+                        return Err(self.shared_session(Some(other)));
+                    }
                 }
                 if S::KIND == Kind::Transaction && !truthy(col(&row, 0)) {
                     return Err(self.refuse_shared_tx(conn));
@@ -664,10 +665,6 @@ impl<S: Scope> Core<S> {
         self.held = false;
         let spec = Arc::clone(&self.spec);
         let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
-        // The session's timeouts were quiet when the lock was taken: the critical section
-        // can only have changed them through the connection (`used`). Unused, one
-        // prepared statement does. Used, a simple Query does, to see a transaction left
-        // open; should a timeout the critical section set cancel it, the retry lifts it.
         let quiet = self.settings.is_some_and(|s| s.quiet);
         // The session's timeouts were quiet when the lock was taken: the critical section
         // can only have changed them through the connection (`used`), and then the unlock
@@ -697,7 +694,7 @@ impl<S: Scope> Core<S> {
                     if lift {
                         self.learn(&first, 0);
                     } else if used {
-                        self.learn(&row, 4);
+                        self.learn(&row, 2);
                     }
                     let unlocked = self.unlocked(conn, &row);
                     if left_open && unlocked.is_ok() {
@@ -750,13 +747,13 @@ impl<S: Scope> Core<S> {
     where
         M: ManageConnection<Connection = Client>,
     {
-        let Some(unlocked) = col(row, 0) else {
+        if let Some(other) = sql::shared_marker(col(row, 0)) {
             // Another client's server session: nothing was touched there, and ours is out
             // of reach.
-            return Err(self.shared_session(col(row, 1)));
-        };
-        let unlocked = truthy(Some(unlocked));
-        if truthy(col(row, 2)) {
+            return Err(self.shared_session(Some(other)));
+        }
+        let unlocked = truthy(col(row, 0));
+        if truthy(col(row, 1)) {
             // A healthy transaction was left open: the unlock and the marker's clearing
             // ran inside it. Roll it back and clear the marker again, outside it.
             warn!(

@@ -106,8 +106,15 @@ fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
     }
 }
 
+/// The first column of a session statement when the server session carries another
+/// client's marker: `#` and that marker (`#` alone if it is empty). A token never starts
+/// with `#`, and the marker is read a second time only on this path.
+fn or_shared() -> String {
+    format!("'#' || {MARKER}")
+}
+
 /// Session lock, one non-blocking try. Columns: the outcome (the token when locked, ''
-/// when busy, NULL when the session carries another client's marker), the marker found,
+/// when busy, `#` and the marker found when the session carries another client's marker),
 /// and with `learn` the settings.
 pub(crate) fn session_try(
     mode: LockMode,
@@ -120,19 +127,20 @@ pub(crate) fn session_try(
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
     let learn = settings(learn);
-    // One flat target list, evaluated left to right (a subquery to read the marker once
-    // costs more than reading it twice). The marker column is read after the outcome: it
-    // is the one found whenever the outcome is NULL.
+    let shared = or_shared();
+    // The marker is read once where the session is ours (a subquery to read it once on
+    // every path costs more than a second read on the rare one).
     format!(
-        "SELECT CASE WHEN {MARKER} = '' THEN CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
+        "SELECT COALESCE(CASE WHEN {MARKER} = '' THEN \
+         CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
          THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) ELSE '' END END, \
-         {MARKER}{learn}"
+         {shared}){learn}"
     )
 }
 
-/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Columns:
-/// the outcome (the token when locked, NULL when the session carries another client's
-/// marker) and the marker found; a wait that runs out fails with 55P03.
+/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Column:
+/// the outcome (not starting with `#` when locked, `#` and the marker found when the
+/// session carries another client's marker); a wait that runs out fails with 55P03.
 ///
 /// `ms` is the bound in milliseconds for literals; with parameters it is the parameter
 /// after the token.
@@ -150,15 +158,14 @@ pub(crate) fn session_wait(
         Args::Params => param(key, 1),
         Args::Literals | Args::Lifted => literal(&ms.to_string()),
     };
-    // The target list runs left to right: the marker (rolled back with the statement if
-    // the wait fails), lock_timeout, then the wait, the last two only where the marker is
-    // now this lock's.
-    let ours = format!("{MARKER} = {t}");
+    let shared = or_shared();
+    // `||` runs left to right: the marker (rolled back with the statement if the wait
+    // fails), lock_timeout, then the wait.
     let select = format!(
-        "SELECT CASE WHEN {MARKER} = '' THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) END, \
-         {MARKER}, \
-         CASE WHEN {ours} THEN pg_catalog.set_config('lock_timeout', {lt}, true) END, \
-         CASE WHEN {ours} THEN pg_catalog.pg_advisory_lock{m}({k})::text END"
+        "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
+         pg_catalog.set_config('{SESSION_MARKER}', {t}, false) || \
+         pg_catalog.set_config('lock_timeout', {lt}, true) || \
+         pg_catalog.pg_advisory_lock{m}({k})::text END, {shared})"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -166,10 +173,10 @@ pub(crate) fn session_wait(
     }
 }
 
-/// Session unlock. Columns: whether it unlocked (NULL when the session carries another
-/// client's marker: nothing was touched), the marker found, whether a transaction was
-/// open (the critical section left one), the marker's clearing, and with `learn` the
-/// settings.
+/// Session unlock. Columns: whether it unlocked (`true` or `false`; `#` and the marker
+/// found when the session carries another client's marker: nothing was touched), and with
+/// `learn` (after a critical section that used the connection) whether a transaction was
+/// open (the critical section left one) and the settings.
 pub(crate) fn session_unlock(
     mode: LockMode,
     key: &LockKey,
@@ -180,19 +187,36 @@ pub(crate) fn session_unlock(
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
-    let learn = settings(learn);
     // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
     // start) equals statement_timestamp() unless a transaction was already open. (Not so
-    // in the extended protocol, whose statement timestamp is taken again at Execute.)
-    let mine = format!("{MARKER} IN ('', {t})");
+    // in the extended protocol, whose statement timestamp is taken again at Execute.) A
+    // critical section that did not use the connection cannot have left one open.
+    let learn = if learn {
+        format!(
+            ", (pg_catalog.now() < pg_catalog.statement_timestamp())::text{}",
+            settings(true)
+        )
+    } else {
+        String::new()
+    };
+    let shared = or_shared();
     let select = format!(
-        "SELECT CASE WHEN {mine} THEN pg_catalog.pg_advisory_unlock{m}({k})::text END, \
-         {MARKER}, (pg_catalog.now() < pg_catalog.statement_timestamp())::text, \
-         CASE WHEN {mine} THEN pg_catalog.set_config('{SESSION_MARKER}', '', false) END{learn}"
+        "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
+         pg_catalog.pg_advisory_unlock{m}({k})::text || \
+         pg_catalog.set_config('{SESSION_MARKER}', '', false) END, {shared}){learn}"
     );
     match args {
         Args::Params | Args::Literals => select,
         Args::Lifted => guarded(&select),
+    }
+}
+
+/// The other client's marker, when the first column of a session statement says its
+/// server session carries one (see [`or_shared`]).
+pub(crate) fn shared_marker(outcome: Option<&str>) -> Option<&str> {
+    match outcome {
+        None => Some(""),
+        Some(o) => o.strip_prefix('#'),
     }
 }
 
@@ -391,8 +415,14 @@ mod tests {
         );
         assert!(!sql.contains(TOKEN), "{sql}");
         assert!(!sql.contains("statement_timeout"), "{sql}");
+        // The marker is read once on the path where the session is ours.
+        assert_eq!(
+            sql.matches("'pglock.session_lock', true").count(),
+            2,
+            "{sql}"
+        );
         let learning = session_try(LockMode::Exclusive, &key, Args::Params, TOKEN, true);
-        assert!(learning.contains(SETTINGS), "{learning}");
+        assert!(learning.ends_with(SETTINGS), "{learning}");
         let sql = session_wait(
             LockMode::Shared,
             &LockKey::pair(1, 2),
@@ -412,13 +442,32 @@ mod tests {
             sql.contains("set_config('lock_timeout', $4, true)"),
             "{sql}"
         );
-        // lock_timeout is set before the wait, in the same target list.
+        // The marker, then lock_timeout, then the wait, in one `||` chain.
+        assert!(sql.find("$3, false) ||") < sql.find("'lock_timeout'"));
         assert!(sql.find("'lock_timeout'") < sql.find("pg_advisory_lock_shared"));
         let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, false);
         assert!(
-            sql.contains("IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text"),
+            sql.contains("IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text ||"),
             "{sql}"
         );
+        assert!(!sql.contains("now()"), "{sql}");
+        let used = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, true);
+        assert!(
+            used.contains(&format!(
+                "(pg_catalog.now() < pg_catalog.statement_timestamp())::text, {SETTINGS}"
+            )),
+            "{used}"
+        );
+    }
+
+    #[test]
+    fn another_clients_marker_comes_back_after_a_hash() {
+        assert_eq!(shared_marker(Some("#pglock:1:ab@5")), Some("pglock:1:ab@5"));
+        assert_eq!(shared_marker(Some("#")), Some(""));
+        assert_eq!(shared_marker(None), Some(""));
+        assert_eq!(shared_marker(Some(TOKEN)), None);
+        assert_eq!(shared_marker(Some("")), None);
+        assert_eq!(shared_marker(Some("true")), None);
     }
 
     #[test]
@@ -438,7 +487,7 @@ mod tests {
         assert!(sql.contains("SET LOCAL statement_timeout = 0"), "{sql}");
         assert!(sql.contains("pg_advisory_unlock_shared(-7)"), "{sql}");
         let plain = session_unlock(LockMode::Shared, &key, Args::Literals, TOKEN, true);
-        assert!(plain.starts_with("SELECT CASE"), "{plain}");
+        assert!(plain.starts_with("SELECT COALESCE"), "{plain}");
         assert!(!plain.contains(';'), "one statement: {plain}");
     }
 
