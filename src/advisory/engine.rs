@@ -366,11 +366,15 @@ impl<S: Scope> Core<S> {
         // leaves lock_timeout alone if it already has the wanted value); else a batch that
         // lifts them.
         let result = match (S::KIND, settings) {
+            // lock_timeout already has the wanted value: the wait leaves it alone.
+            (Kind::Session, Some(s)) if s.quiet && s.no_lock_timeout && ms == 0 => {
+                run_prepared(conn, Statement3::WaitPlain, &spec, None)
+            }
             (Kind::Session, Some(s)) if s.quiet => {
                 run_prepared(conn, Statement3::Wait, &spec, Some(ms))
             }
             (Kind::Session, _) => {
-                let wait = sql::session_wait(mode, key, Args::Lifted, token, ms);
+                let wait = sql::session_wait(mode, key, Args::Lifted, token, Some(ms));
                 simple(conn, &format!("{}{wait}", sql::wait_comment(key)))
             }
             (Kind::Transaction, settings) => {
@@ -1010,12 +1014,14 @@ enum Statement3 {
     Unlock,
     /// An unlock that also reads the session's settings.
     UnlockLearning,
+    /// A wait that leaves `lock_timeout` as the session has it (already the wanted value).
+    WaitPlain,
 }
 
 /// The text of a prepared session statement: one per statement, mode and key space, made
 /// once per process.
 fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static str {
-    static TEXTS: [OnceLock<String>; 20] = [const { OnceLock::new() }; 20];
+    static TEXTS: [OnceLock<String>; 24] = [const { OnceLock::new() }; 24];
     let pair = key.as_pair().is_some();
     let i = (which as usize) * 4 + usize::from(mode == LockMode::Shared) * 2 + usize::from(pair);
     TEXTS[i].get_or_init(|| {
@@ -1028,7 +1034,8 @@ fn prepared_text(which: Statement3, mode: LockMode, key: &LockKey) -> &'static s
         match which {
             Statement3::Try => sql::session_try(mode, &key, Args::Params, "", false),
             Statement3::TryLearning => sql::session_try(mode, &key, Args::Params, "", true),
-            Statement3::Wait => sql::session_wait(mode, &key, Args::Params, "", 0),
+            Statement3::Wait => sql::session_wait(mode, &key, Args::Params, "", Some(0)),
+            Statement3::WaitPlain => sql::session_wait(mode, &key, Args::Params, "", None),
             Statement3::Unlock => sql::session_unlock(mode, &key, Args::Params, "", false),
             Statement3::UnlockLearning => sql::session_unlock(mode, &key, Args::Params, "", true),
         }
@@ -1083,7 +1090,9 @@ where
     let unprepared = || match which {
         Statement3::Try => sql::session_try(mode, key, Args::Literals, token, false),
         Statement3::TryLearning => sql::session_try(mode, key, Args::Literals, token, true),
-        Statement3::Wait => sql::session_wait(mode, key, Args::Literals, token, ms.unwrap_or(0)),
+        Statement3::Wait | Statement3::WaitPlain => {
+            sql::session_wait(mode, key, Args::Literals, token, ms)
+        }
         Statement3::Unlock => sql::session_unlock(mode, key, Args::Literals, token, false),
         Statement3::UnlockLearning => sql::session_unlock(mode, key, Args::Literals, token, true),
     };
@@ -1117,7 +1126,7 @@ where
     };
     // A waiting session says what it waits for in pg_stat_activity.query.
     let sql = match which {
-        Statement3::Wait => format!("{}{sql}", sql::wait_comment(key)),
+        Statement3::Wait | Statement3::WaitPlain => format!("{}{sql}", sql::wait_comment(key)),
         _ => sql,
     };
     let result = simple(conn, &sql);
@@ -1139,7 +1148,9 @@ where
         return result;
     }
     let fallback = match which {
-        Statement3::Wait => simple(conn, &format!("{}{}", sql::wait_comment(key), unprepared())),
+        Statement3::Wait | Statement3::WaitPlain => {
+            simple(conn, &format!("{}{}", sql::wait_comment(key), unprepared()))
+        }
         _ => simple(conn, &unprepared()),
     };
     if matches!(&fallback, Err(e)
@@ -1224,6 +1235,9 @@ mod tests {
             wait.contains("set_config('lock_timeout', $3, true)"),
             "{wait}"
         );
+        let plain = prepared_text(Statement3::WaitPlain, LockMode::Exclusive, &LockKey::new(1));
+        assert!(!plain.contains("lock_timeout"), "{plain}");
+        assert!(plain.contains("pg_advisory_lock($1)"), "{plain}");
     }
 
     #[test]

@@ -138,33 +138,43 @@ pub(crate) fn session_try(
     )
 }
 
-/// Session lock, a wait bounded by `lock_timeout` (set for this statement only). Column:
-/// the outcome (not starting with `#` when locked, `#` and the marker found when the
-/// session carries another client's marker); a wait that runs out fails with 55P03.
+/// Session lock, a wait bounded by `lock_timeout`, set for this statement only to `ms`
+/// milliseconds, or left as the session has it with `None` (when it already has the
+/// wanted value). Column: the outcome (not starting with `#` when locked, `#` and the
+/// marker found when the session carries another client's marker); a wait that runs out
+/// fails with 55P03.
 ///
-/// `ms` is the bound in milliseconds for literals; with parameters it is the parameter
-/// after the token.
+/// With parameters, `ms` only says whether the statement sets `lock_timeout`: the value is
+/// the parameter after the token.
 pub(crate) fn session_wait(
     mode: LockMode,
     key: &LockKey,
     args: Args,
     token: &str,
-    ms: u32,
+    ms: Option<u32>,
 ) -> String {
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
-    let lt = match args {
-        Args::Params => param(key, 1),
-        Args::Literals | Args::Lifted => literal(&ms.to_string()),
+    let set_lt = match (args, ms) {
+        (_, None) => String::new(),
+        (Args::Params, Some(_)) => {
+            format!(
+                "pg_catalog.set_config('lock_timeout', {}, true) || ",
+                param(key, 1)
+            )
+        }
+        (Args::Literals | Args::Lifted, Some(ms)) => format!(
+            "pg_catalog.set_config('lock_timeout', {}, true) || ",
+            literal(&ms.to_string())
+        ),
     };
     let shared = or_shared();
     // `||` runs left to right: the marker (rolled back with the statement if the wait
     // fails), lock_timeout, then the wait.
     let select = format!(
         "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
-         pg_catalog.set_config('{SESSION_MARKER}', {t}, false) || \
-         pg_catalog.set_config('lock_timeout', {lt}, true) || \
+         pg_catalog.set_config('{SESSION_MARKER}', {t}, false) || {set_lt}\
          pg_catalog.pg_advisory_lock{m}({k})::text END, {shared})"
     );
     match args {
@@ -428,7 +438,7 @@ mod tests {
             &LockKey::pair(1, 2),
             Args::Params,
             TOKEN,
-            0,
+            Some(0),
         );
         assert!(
             sql.contains("pg_catalog.pg_advisory_lock_shared($1, $2)"),
@@ -445,6 +455,12 @@ mod tests {
         // The marker, then lock_timeout, then the wait, in one `||` chain.
         assert!(sql.find("$3, false) ||") < sql.find("'lock_timeout'"));
         assert!(sql.find("'lock_timeout'") < sql.find("pg_advisory_lock_shared"));
+        let plain = session_wait(LockMode::Exclusive, &key, Args::Params, TOKEN, None);
+        assert!(!plain.contains("lock_timeout"), "{plain}");
+        assert!(
+            plain.contains("$2, false) || pg_catalog.pg_advisory_lock($1)::text"),
+            "{plain}"
+        );
         let sql = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, false);
         assert!(
             sql.contains("IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text ||"),
@@ -473,7 +489,7 @@ mod tests {
     #[test]
     fn session_batches_lift_the_timeouts_first() {
         let key = LockKey::new(-7);
-        let sql = session_wait(LockMode::Exclusive, &key, Args::Lifted, TOKEN, 1500);
+        let sql = session_wait(LockMode::Exclusive, &key, Args::Lifted, TOKEN, Some(1500));
         assert!(sql.starts_with(&format!(
             "SELECT {SETTINGS}; SET LOCAL statement_timeout = 0; "
         )));
