@@ -25,8 +25,8 @@ use common::{
     wait_until,
 };
 use pglock::{
-    AdvisorySemaphore, Error, LockKey, LockOptions, LockSet, LockSetGuard, LostReason,
-    NetworkTimeout, SemaphorePermit, SessionGuard, SessionLock, TxGuard, TxLock,
+    AdvisorySemaphore, Error, LockKey, LockOptions, LockSet, LockSetGuard, NetworkTimeout,
+    SemaphorePermit, SessionGuard, SessionLock, TxGuard, TxLock,
 };
 use postgres::Client;
 
@@ -310,16 +310,7 @@ fn wait_until_ended(admin: &mut Client, pid: i32, idle_from: Instant) -> Duratio
 }
 
 fn assert_ended_by(err: &Error, code: &postgres::error::SqlState) {
-    assert!(
-        matches!(
-            err,
-            Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    common::assert_session_ended(err);
     // The server's FATAL reached pglock (or the closed socket did, if another read saw
     // the FATAL first).
     assert!(err.code().is_none_or(|c| c == code), "{err:?}");

@@ -234,17 +234,7 @@ fn advisory_holders_report_loss_and_every_lock_works_on_the_new_primary() {
         eprintln!("failover: the advisory leader saw its loss {noticed:?} after the crash began");
         assert!(noticed < PROMPTLY, "{noticed:?}");
     });
-    let err = leadership.check().expect_err("check after the failover");
-    assert!(
-        matches!(
-            err,
-            Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    common::assert_session_ended(&leadership.check().expect_err("check after the failover"));
 
     // The holders hear it at their next call.
     let asking = Instant::now();

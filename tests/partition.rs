@@ -14,7 +14,7 @@ use common::proxy::FaultProxy;
 use common::{admin, config, holders, pool_with, wait_for_waiters, wait_until, Pool};
 use pglock::{
     AdvisorySemaphore, Error, LeaseLock, LeaseOptions, LeaseTable, LockKey, LockOptions, LockSet,
-    LostReason, NetworkTimeout, OwnedSessionGuard, SessionGuard, SessionLock, TxLock,
+    NetworkTimeout, OwnedSessionGuard, SessionGuard, SessionLock, TxLock,
 };
 use postgres::{Client, NoTls};
 
@@ -296,17 +296,7 @@ fn a_partitioned_holder_loses_its_lock_to_a_waiter_within_the_network_timeout() 
     );
     drop(cut);
     // Its unlock reports the loss, and does not touch the waiter's lock.
-    let unlocked = OwnedSessionGuard::unlock(held);
-    assert!(
-        matches!(
-            unlocked,
-            Err(Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            })
-        ),
-        "{unlocked:?}"
-    );
+    common::assert_session_ended(&OwnedSessionGuard::unlock(held).unwrap_err());
     assert_eq!(holders(&mut admin(), &key), 1);
     drop(granted);
 }

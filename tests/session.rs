@@ -285,17 +285,7 @@ fn a_terminated_session_is_reported_lost_and_frees_the_lock() {
         !SessionGuard::is_held(&mut guard).unwrap(),
         "is_held after termination"
     );
-    let err = SessionGuard::unlock(guard).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    common::assert_session_ended(&SessionGuard::unlock(guard).unwrap_err());
 }
 
 #[test]

@@ -253,17 +253,7 @@ fn a_terminated_session_is_reported_lost() {
         backend_state(&mut admin, pid).is_none()
     });
     assert!(!TxGuard::is_held(&mut guard).unwrap());
-    let err = TxGuard::commit(guard).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    common::assert_session_ended(&TxGuard::commit(guard).unwrap_err());
     assert_eq!(holders(&mut admin, &key), 0);
 }
 
@@ -459,14 +449,5 @@ fn a_session_ended_by_idle_in_transaction_timeout_before_commit_is_lost_not_unkn
         std::thread::sleep(Duration::from_millis(600));
         Ok(())
     });
-    assert!(
-        matches!(
-            result,
-            Err(Error::LockLost {
-                reason: LostReason::SessionEnded,
-                ..
-            })
-        ),
-        "{result:?}"
-    );
+    common::assert_session_ended(&result.unwrap_err());
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pglock::LockKey;
+use pglock::{Error, LockKey, LostReason};
 use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -12,6 +12,21 @@ pub mod partition;
 pub mod proxy;
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Asserts that `err` says the lock was lost because its session ended.
+#[track_caller]
+pub fn assert_session_ended(err: &Error) {
+    assert!(
+        matches!(
+            err,
+            Error::LockLost {
+                reason: LostReason::SessionEnded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
 
 /// The server under test. Fails loudly, saying how to get one, when there is none.
 pub fn database_url() -> String {
