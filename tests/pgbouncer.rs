@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{count, counter, pool_with};
-use pglock::{Error, LockOptions, SessionGuard, TxGuard, TxLock};
+use pglock::{Error, LockKey, LockOptions, SessionGuard, TxGuard, TxLock};
 
 /// PgBouncer in transaction mode, in front of the test server.
 fn pgbouncer_config() -> postgres::Config {
@@ -232,28 +232,52 @@ fn session_locks_through_a_transaction_pooler_never_grant_one_lock_twice() {
 fn a_transaction_lock_is_never_granted_where_another_clients_session_lock_holds_the_key() {
     // Advisory locks are re-entrant per server session, whatever their scope: a TxLock
     // landing on the server session where another client's SessionLock holds the key would
-    // be granted. pglock refuses it there (SessionShared) and takes nothing.
+    // be granted. pglock refuses it there (SessionShared) and takes nothing, whichever way
+    // it asks; a TxLock on any other key is granted there, also on a key whose text is a
+    // suffix of the held key's, or the same number in the other key space.
     let key = unique_key!(std::process::id());
+    let k = key.as_i64().unwrap();
+    let digits = k.to_string();
+    let suffix = LockKey::new(digits[digits.len() - 6..].parse().unwrap());
+    let other_space = LockKey::pair(1, k as i32);
     let pool = pool_with(8, pgbouncer_config());
     let held = hold_through_the_pooler(&pool, &key);
+    let bound = LockOptions::new().lock_timeout(Duration::from_millis(200));
     let mut shared = 0;
-    for _ in 0..8 {
-        let mut b = TxLock::new(&pool, key.clone()).unwrap();
-        match b.try_lock() {
-            Ok(None) => {}
-            Ok(Some(_)) => panic!("a transaction lock was granted while a session lock held it"),
+    for round in 0..12 {
+        let mut b = TxLock::with_options(&pool, key.clone(), bound.clone()).unwrap();
+        let taken = match round % 3 {
+            0 => b.try_lock().map(|g| g.is_some()),
+            1 => b.lock().map(|_| true),
+            _ => b
+                .try_lock_for(Duration::from_millis(200))
+                .map(|g| g.is_some()),
+        };
+        match taken {
+            Ok(false) | Err(Error::Timeout { .. }) => {}
+            Ok(true) => panic!("a transaction lock was granted while a session lock held it"),
             Err(Error::SessionShared { other, .. }) => {
                 assert!(other.starts_with("pglock:"), "{other}");
+                assert!(other.ends_with(&format!("@{k}")), "{other}");
                 shared += 1;
             }
             Err(e) => panic!("{e:?}"),
         };
+        for other in [&suffix, &other_space] {
+            let mut c = TxLock::with_options(&pool, other.clone(), bound.clone()).unwrap();
+            let granted = c.lock().map(|_| ());
+            assert!(
+                granted.is_ok(),
+                "a transaction lock on {other}: {granted:?}"
+            );
+        }
     }
     assert!(
         shared > 0,
         "no client landed on the holder's server session"
     );
     drop(held);
+    end_stranded(&key);
 }
 
 #[test]

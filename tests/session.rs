@@ -299,6 +299,44 @@ fn a_leaked_guard_is_released_when_its_lock_drops() {
     assert_eq!(holders(&mut admin(), &key), 0);
 }
 
+/// A connection can come out of the pool inside a transaction that other code left open:
+/// the unlock of a guard the critical section never used still sees it, rolls it back
+/// and reports it, and the pool gets the connection back outside any transaction.
+#[test]
+fn an_unlock_rolls_back_a_transaction_the_connection_came_with() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    let pid = {
+        let mut conn = pool.get().unwrap();
+        conn.batch_execute("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)")
+            .unwrap();
+        backend_pid(&mut conn)
+    };
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let guard = lock.try_lock().unwrap().expect("a free key");
+    let err = SessionGuard::unlock(guard).unwrap_err();
+    assert!(matches!(err, Error::TransactionLeftOpen { .. }), "{err:?}");
+    assert_eq!(holders(&mut admin, &key), 0);
+    drop(lock);
+    assert_eq!(
+        common::backend_state(&mut admin, pid).as_deref(),
+        Some("idle")
+    );
+    let mut conn = pool.get().unwrap();
+    let gone: bool = conn
+        .query_one(
+            "SELECT to_regclass('pg_temp.pglock_came_open') IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        gone,
+        "the transaction the connection came with was committed"
+    );
+}
+
 #[test]
 fn a_transaction_left_open_in_the_critical_section_is_rolled_back_and_reported() {
     let key = unique_key!();

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{admin, backend_pid, backend_state, holders, pool, pool_with, wait_for_waiters};
-use pglock::{Error, LockOptions, LostReason, TxGuard, TxLock};
+use pglock::{Error, LockKey, LockOptions, LostReason, TxGuard, TxLock};
 use postgres::Client;
 
 fn rows(admin: &mut Client, name: &str) -> i64 {
@@ -450,4 +450,91 @@ fn a_session_ended_by_idle_in_transaction_timeout_before_commit_is_lost_not_unkn
         Ok(())
     });
     common::assert_session_ended(&result.unwrap_err());
+}
+
+/// What a `TxLock` on `key` says on a server session that holds `held` (a session lock)
+/// and carries `marker`, as another client's `SessionLock` leaves them behind a pooler.
+fn tx_lock_beside(held: Option<&str>, marker: &str, key: LockKey) -> [&'static str; 2] {
+    let pool = pool(1);
+    let mut conn = pool.get().unwrap();
+    if let Some(held) = held {
+        conn.batch_execute(&format!("SELECT pg_advisory_lock({held})"))
+            .unwrap();
+    }
+    conn.execute(
+        "SELECT set_config('pglock.session_lock', $1, false)",
+        &[&marker],
+    )
+    .unwrap();
+    let bounded = LockOptions::new().lock_timeout(Duration::from_millis(300));
+    let mut lock = TxLock::from_connection(conn, key, bounded).unwrap();
+    let said = |taken: Result<bool, Error>| match taken {
+        Ok(true) => "granted",
+        Ok(false) => "busy",
+        Err(Error::SessionShared { .. }) => "refused",
+        Err(e) => panic!("{e:?}"),
+    };
+    let tried = said(lock.try_lock().map(|g| g.is_some()));
+    let waited = said(lock.lock().map(|_| true));
+    let mut conn = lock.into_connection().unwrap();
+    conn.batch_execute(
+        "SELECT pg_advisory_unlock_all(), set_config('pglock.session_lock', '', false)",
+    )
+    .unwrap();
+    [tried, waited]
+}
+
+#[test]
+fn a_transaction_lock_refuses_exactly_the_key_its_server_sessions_marker_names() {
+    // (held key as SQL arguments, the held key, another key that must be granted beside it):
+    // keys whose text ends with the other's, the two key spaces, negative and extreme keys.
+    let cases = [
+        ("31337", LockKey::new(31337), LockKey::new(131_337)),
+        ("131337", LockKey::new(131_337), LockKey::new(31337)),
+        ("-31337", LockKey::new(-31337), LockKey::pair(1, -31337)),
+        ("1, -31337", LockKey::pair(1, -31337), LockKey::new(-31337)),
+        (
+            "11, 31337",
+            LockKey::pair(11, 31337),
+            LockKey::pair(1, 31337),
+        ),
+        (
+            "4294998633",
+            LockKey::new(4_294_998_633),
+            LockKey::pair(1, 31337),
+        ),
+        (
+            "-9223372036854775807",
+            LockKey::new(i64::MIN + 1),
+            LockKey::new(i64::MAX - 1),
+        ),
+    ];
+    for (args, held, other) in cases {
+        let marker = format!("pglock:4242:ab@{}", args.replace(' ', ""));
+        assert_eq!(
+            tx_lock_beside(Some(args), &marker, held.clone()),
+            ["refused"; 2],
+            "{held} under {marker}"
+        );
+        assert_eq!(
+            tx_lock_beside(Some(args), &marker, other.clone()),
+            ["granted"; 2],
+            "{other} beside {held} under {marker}"
+        );
+    }
+    // On the safe side: a marker naming no key (an earlier pglock's) refuses every key,
+    // and so does one naming a key its session no longer holds.
+    let key = LockKey::new(31338);
+    assert_eq!(
+        tx_lock_beside(Some("31338"), "pglock:4242:ab", key.clone()),
+        ["refused"; 2]
+    );
+    assert_eq!(
+        tx_lock_beside(None, "pglock:4242:ab", LockKey::new(31339)),
+        ["refused"; 2]
+    );
+    assert_eq!(
+        tx_lock_beside(None, "pglock:4242:ab@31338", key),
+        ["refused"; 2]
+    );
 }

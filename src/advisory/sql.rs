@@ -184,9 +184,9 @@ pub(crate) fn session_wait(
 }
 
 /// Session unlock. Columns: whether it unlocked (`true` or `false`; `#` and the marker
-/// found when the session carries another client's marker: nothing was touched), and with
-/// `learn` (after a critical section that used the connection) whether a transaction was
-/// open (the critical section left one) and the settings.
+/// found when the session carries another client's marker: nothing was touched), whether
+/// a transaction was open (the critical section left one), and with `learn` (after a
+/// critical section that used the connection) the settings.
 pub(crate) fn session_unlock(
     mode: LockMode,
     key: &LockKey,
@@ -199,21 +199,16 @@ pub(crate) fn session_unlock(
     let t = token_sql(key, args, token);
     // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
     // start) equals statement_timestamp() unless a transaction was already open. (Not so
-    // in the extended protocol, whose statement timestamp is taken again at Execute.) A
-    // critical section that did not use the connection cannot have left one open.
-    let learn = if learn {
-        format!(
-            ", (pg_catalog.now() < pg_catalog.statement_timestamp())::text{}",
-            settings(true)
-        )
-    } else {
-        String::new()
-    };
+    // in the extended protocol, whose statement timestamp is taken again at Execute.) Also
+    // asked after a critical section that never used the connection: the connection may
+    // have come out of the pool (or `from_connection`) inside a transaction.
+    let learn = settings(learn);
     let shared = or_shared();
     let select = format!(
         "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
          pg_catalog.pg_advisory_unlock{m}({k})::text || \
-         pg_catalog.set_config('{SESSION_MARKER}', '', false) END, {shared}){learn}"
+         pg_catalog.set_config('{SESSION_MARKER}', '', false) END, {shared}), \
+         (pg_catalog.now() < pg_catalog.statement_timestamp())::text{learn}"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -280,13 +275,19 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
     key.sql_args().replace(' ', "")
 }
 
-/// Whether a transaction lock may be taken on this server session: its session marker (if
-/// any) does not name `key`. Behind a pooler another client's session lock may sit on the
-/// session, and a second grant of its key would be re-entrant: two clients would both hold
-/// it. The marker ends with the key its session lock holds, so the check is a string
-/// comparison: nothing to scan, and nothing more to plan on every call than the compare.
+/// Whether a transaction lock may be taken on this server session: it carries no session
+/// marker, or one that ends with another key. Behind a pooler another client's session
+/// lock may sit on the session, and a second grant of its key would be re-entrant: two
+/// clients would both hold it. The marker ends with the key its session lock holds, so the
+/// check is a string comparison: nothing to scan, and nothing more to plan on every call.
+/// It errs on the safe side: a marker without `@` (written by an earlier pglock, whose
+/// markers named no key) refuses every key, and so does a marker left naming a key its session no
+/// longer holds (a `pg_advisory_unlock_all()` sent behind pglock's back).
 fn tx_free(key: &LockKey) -> String {
-    format!("({MARKER} NOT LIKE '%@{}')", tx_marker(key))
+    format!(
+        "({MARKER} NOT LIKE '%@{}' AND ({MARKER} = '' OR {MARKER} LIKE '%@%'))",
+        tx_marker(key)
+    )
 }
 
 /// Takes a transaction lock with `lock` (a function of `key`) where `key` is free on this
@@ -466,7 +467,10 @@ mod tests {
             sql.contains("IN ('', $2) THEN pg_catalog.pg_advisory_unlock($1)::text ||"),
             "{sql}"
         );
-        assert!(!sql.contains("now()"), "{sql}");
+        assert!(
+            sql.ends_with("(pg_catalog.now() < pg_catalog.statement_timestamp())::text"),
+            "{sql}"
+        );
         let used = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, true);
         assert!(
             used.contains(&format!(
@@ -527,7 +531,9 @@ mod tests {
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
         let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
-             NOT LIKE '%@1,-1')";
+             NOT LIKE '%@1,-1' AND \
+             (COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') = '' OR \
+             COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') LIKE '%@%'))";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(
@@ -545,7 +551,7 @@ mod tests {
                  || pg_catalog.set_config('pglock.tx_lock', '1,-1', true) END) IS NOT NULL"
             )
         );
-        assert_eq!(plain.matches("pglock.session_lock").count(), 1, "{plain}");
+        assert_eq!(plain.matches("pglock.session_lock").count(), 3, "{plain}");
         let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
         assert!(
             fast.starts_with(&format!("BEGIN; SELECT (CASE WHEN {free} THEN ")),
