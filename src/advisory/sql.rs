@@ -284,8 +284,12 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
 /// markers named no key) refuses every key, and so does a marker left naming a key its session no
 /// longer holds (a `pg_advisory_unlock_all()` sent behind pglock's back).
 fn tx_free(key: &LockKey) -> String {
+    // One read of the marker, one match against a constant pattern (compiled once per
+    // session), with the key appended: `marker/key` is refused when the marker is not
+    // empty and has no `@`, or when what follows its `@` is the key. (An E'' literal, so
+    // that the backslash means the same whatever standard_conforming_strings says.)
     format!(
-        "({MARKER} NOT LIKE '%@{}' AND ({MARKER} = '' OR {MARKER} LIKE '%@%'))",
+        "(NOT ({MARKER} || '/{}') ~ E'^[^@]+/|@([^@/]*)/\\\\1$')",
         tx_marker(key)
     )
 }
@@ -530,10 +534,8 @@ mod tests {
     #[test]
     fn transaction_statements() {
         let key = LockKey::pair(1, -1);
-        let free = "(COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
-             NOT LIKE '%@1,-1' AND \
-             (COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') = '' OR \
-             COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') LIKE '%@%'))";
+        let free = "(NOT (COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
+             || '/1,-1') ~ E'^[^@]+/|@([^@/]*)/\\\\1$')";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(
@@ -551,7 +553,8 @@ mod tests {
                  || pg_catalog.set_config('pglock.tx_lock', '1,-1', true) END) IS NOT NULL"
             )
         );
-        assert_eq!(plain.matches("pglock.session_lock").count(), 3, "{plain}");
+        assert_eq!(plain.matches("pglock.session_lock").count(), 1, "{plain}");
+        assert!(plain.contains(r"~ E'^[^@]+/|@([^@/]*)/\\1$'"), "{plain}");
         let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
         assert!(
             fast.starts_with(&format!("BEGIN; SELECT (CASE WHEN {free} THEN ")),
