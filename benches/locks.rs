@@ -11,7 +11,8 @@
 //! and pglock alternate in blocks, so drift on a busy machine hits all alike), as the
 //! median of the per-block ratios. The report at the end is the table in the README.
 //!
-//! - W1: uncontended `try_lock` + unlock on random keys (one lock, `set_key`).
+//! - W1: uncontended `try_lock` + unlock on random keys (one lock, `set_key`); and again
+//!   beside the floor's statements sent as SQL `EXECUTE`, as pglock sends its own.
 //! - W2: bounded `lock` (with a `lock_timeout`) + unlock on a free key.
 //! - W3: `TxLock::with_lock` with an empty body (begin, lock, commit).
 //! - W4: 8 threads on one key, each lock, a read-increment-write of a counter row through
@@ -114,6 +115,45 @@ fn w3<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut TxLock) -> Pair<
         }),
         pglock: Box::new(move || {
             lib.with_lock(|_| Ok::<_, Error>(())).unwrap();
+        }),
+    }
+}
+
+/// W1 again, with a third floor in place of the simple-protocol one: the floor's two
+/// statements `PREPARE`d in SQL and sent as `EXECUTE`, as pglock sends its own (the
+/// `postgres` crate's protocol-level statement names are the same in every process, so
+/// behind a pooler they could run another client's statement). It splits pglock's cost
+/// into what `EXECUTE` costs and what its checks and client code cost.
+fn w1_execute<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
+    let mut rng_f = Rng(0x0123_4567_89ab_cdef);
+    let mut rng_s = Rng(0x0fed_cba9_8765_4321);
+    let mut rng_l = Rng(0x5555_aaaa_5555_aaaa);
+    let lock = floor.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
+    let unlock = floor.prepare("SELECT pg_advisory_unlock($1)").unwrap();
+    same.batch_execute(
+        "PREPARE bench_try(bigint) AS SELECT pg_try_advisory_lock($1); \
+         PREPARE bench_unlock(bigint) AS SELECT pg_advisory_unlock($1)",
+    )
+    .unwrap();
+    Pair {
+        name: "W1 try_lock + unlock, the floor also as SQL EXECUTE",
+        round_trips: 2,
+        floor: Box::new(move || {
+            let k = rng_f.key();
+            floor.query(&lock, &[&k]).unwrap();
+            floor.query(&unlock, &[&k]).unwrap();
+        }),
+        same: Box::new(move || {
+            let k = rng_s.key();
+            same.simple_query(&format!("EXECUTE bench_try({k})"))
+                .unwrap();
+            same.simple_query(&format!("EXECUTE bench_unlock({k})"))
+                .unwrap();
+        }),
+        pglock: Box::new(move || {
+            lib.set_key(rng_l.key()).unwrap();
+            let guard = lib.try_lock().unwrap().expect("a random key is free");
+            SessionGuard::unlock(guard).unwrap();
         }),
     }
 }
@@ -317,6 +357,29 @@ fn main() {
             r.ratio[0],
             r.ratio[1],
             r.ratio[2],
+            r.overhead[0],
+            r.overhead[1],
+            r.overhead[2]
+        )
+        .unwrap();
+    }
+
+    // W1 split: the floor's statements as SQL EXECUTE, on fresh connections (the
+    // PREPAREs stay with them).
+    {
+        let (mut f, mut same) = (pool.get().unwrap(), pool.get().unwrap());
+        let mut lib = SessionLock::new(&pool, Rng(10).key()).unwrap();
+        let mut pair = w1_execute(&mut f, &mut same, &mut lib);
+        let r = interleaved(&mut pair, 60, 150);
+        writeln!(
+            report,
+            "\nW1 split: prepared floor {} µs; the same two statements as SQL `EXECUTE` {} µs \
+             ({:.3} of the prepared floor); pglock {} µs ({:.3} ({:.3}-{:.3}) of the `EXECUTE` \
+             floor).",
+            us(r.floor),
+            us(r.same),
+            r.same.as_secs_f64() / r.floor.as_secs_f64(),
+            us(r.pglock),
             r.overhead[0],
             r.overhead[1],
             r.overhead[2]
