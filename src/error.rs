@@ -127,9 +127,15 @@ pub enum Error {
     /// it back (a connection never goes back to the pool inside a transaction) and
     /// released the lock, but the transaction's work is lost. Commit or roll back
     /// transactions you begin in the critical section.
+    ///
+    /// Also returned, by a session lock's lock call, for a connection that came inside a
+    /// transaction (healthy or failed) left open by whoever had it before: pglock rolled it
+    /// back and took nothing (a lock taken there would be marked inside that transaction,
+    /// and its rollback would leave the lock held and unmarked). The next call locks.
     #[error(
-        "lock {key}: the critical section left a transaction open; it was rolled back \
-         and its work is lost"
+        "lock {key}: a transaction was left open on the lock's connection (by the critical \
+         section, or by whoever had the connection before the lock); it was rolled back and \
+         its work is lost"
     )]
     TransactionLeftOpen {
         /// The lock.

@@ -299,42 +299,58 @@ fn a_leaked_guard_is_released_when_its_lock_drops() {
     assert_eq!(holders(&mut admin(), &key), 0);
 }
 
-/// A connection can come out of the pool inside a transaction that other code left open:
-/// the unlock of a guard the critical section never used still sees it, rolls it back
-/// and reports it, and the pool gets the connection back outside any transaction.
+/// A connection can come out of the pool inside a transaction that other code left open.
+/// A session lock taken inside it would be marked inside it too, and its rollback would
+/// leave the lock held and unmarked (behind a pooler, where another client could then be
+/// granted it again). So the lock statement takes nothing there: the transaction is rolled
+/// back and reported, and the next call locks. Healthy or failed, waiting or not.
 #[test]
-fn an_unlock_rolls_back_a_transaction_the_connection_came_with() {
+fn a_lock_refuses_a_connection_that_comes_inside_a_transaction() {
     let key = unique_key!();
     let pool = pool(1);
     let mut admin = admin();
-    let pid = {
-        let mut conn = pool.get().unwrap();
-        conn.batch_execute("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)")
-            .unwrap();
-        backend_pid(&mut conn)
-    };
-    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
-    let guard = lock.try_lock().unwrap().expect("a free key");
-    let err = SessionGuard::unlock(guard).unwrap_err();
-    assert!(matches!(err, Error::TransactionLeftOpen { .. }), "{err:?}");
-    assert_eq!(holders(&mut admin, &key), 0);
-    drop(lock);
-    assert_eq!(
-        common::backend_state(&mut admin, pid).as_deref(),
-        Some("idle")
-    );
-    let mut conn = pool.get().unwrap();
-    let gone: bool = conn
-        .query_one(
-            "SELECT to_regclass('pg_temp.pglock_came_open') IS NULL",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert!(
-        gone,
-        "the transaction the connection came with was committed"
-    );
+    for (opened, wait) in [
+        ("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)", false),
+        ("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)", true),
+        ("BEGIN; SELECT 1/0", false),
+    ] {
+        let pid = {
+            let mut conn = pool.get().unwrap();
+            let pid = backend_pid(&mut conn);
+            let _ = conn.batch_execute(opened);
+            pid
+        };
+        let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+        let refused = if wait {
+            lock.try_lock_for(Duration::from_secs(5)).map(|_| ())
+        } else {
+            lock.try_lock().map(|_| ())
+        };
+        assert!(
+            matches!(refused, Err(Error::TransactionLeftOpen { .. })),
+            "{opened} (wait: {wait}): {refused:?}"
+        );
+        assert_eq!(holders(&mut admin, &key), 0, "{opened}");
+        assert_eq!(
+            common::backend_state(&mut admin, pid).as_deref(),
+            Some("idle"),
+            "{opened}"
+        );
+        let guard = lock.try_lock().unwrap().expect("a free key");
+        SessionGuard::unlock(guard).unwrap();
+        let mut conn = lock.into_connection().unwrap();
+        let gone: bool = conn
+            .query_one(
+                "SELECT to_regclass('pg_temp.pglock_came_open') IS NULL",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            gone,
+            "the transaction the connection came with was committed"
+        );
+    }
 }
 
 #[test]

@@ -508,6 +508,14 @@ fn a_transaction_lock_refuses_exactly_the_key_its_server_sessions_marker_names()
             LockKey::new(i64::MIN + 1),
             LockKey::new(i64::MAX - 1),
         ),
+        (
+            "-9223372036854775808",
+            LockKey::new(i64::MIN),
+            LockKey::new(i64::MAX),
+        ),
+        // The held key's text is a prefix of the other's.
+        ("4", LockKey::new(4), LockKey::new(42)),
+        ("0, 5", LockKey::pair(0, 5), LockKey::new(5)),
     ];
     for (args, held, other) in cases {
         let marker = format!("pglock:4242:ab@{}", args.replace(' ', ""));

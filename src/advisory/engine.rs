@@ -315,6 +315,9 @@ impl<S: Scope> Core<S> {
                 if learn {
                     self.learn(&row, 1);
                 }
+                if col(&row, 0) == Some(sql::IN_TRANSACTION) {
+                    return Err(self.refuse_in_transaction(conn));
+                }
                 if let Some(other) = sql::shared_marker(col(&row, 0)) {
                     return Err(self.shared_session(Some(other)));
                 }
@@ -406,6 +409,9 @@ impl<S: Scope> Core<S> {
                 }
                 let row = last(rows);
                 if S::KIND == Kind::Session {
+                    if col(&row, 0) == Some(sql::IN_TRANSACTION) {
+                        return Err(self.refuse_in_transaction(conn));
+                    }
                     if let Some(other) = sql::shared_marker(col(&row, 0)) {
                         return Err(self.shared_session(Some(other)));
                     }
@@ -486,6 +492,25 @@ impl<S: Scope> Core<S> {
         }
     }
 
+    /// A session lock statement found a transaction block open before it (left by whoever
+    /// last had the connection) and took nothing: a marker set inside it would be undone
+    /// by its rollback while the lock stayed. Rolls it back and reports it.
+    fn refuse_in_transaction<M>(&mut self, conn: &mut PooledConnection<M>) -> Error
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        warn!(
+            "lock {}: its connection was inside a transaction before the lock; rolling it back",
+            self.spec.key
+        );
+        match self.end_transaction(conn, "left open before the lock") {
+            Err(error) => error,
+            Ok(()) => Error::TransactionLeftOpen {
+                key: self.spec.key.clone(),
+            },
+        }
+    }
+
     fn shared_session(&self, other: Option<&str>) -> Error {
         warn!(
             "lock {}: its server session carries another client's session lock ({}): \
@@ -518,6 +543,10 @@ impl<S: Scope> Core<S> {
             // A deadlock aborts the wait and a full lock table refuses it: neither grants
             // the lock, and scanning pg_locks with a full lock table is slow.
             (Kind::Session, Failure::Deadlock | Failure::OutOfSharedMemory) => Ok(()),
+            // The connection came inside a failed transaction: nothing ran. End it.
+            (Kind::Session, Failure::InFailedTransaction) => {
+                self.end_transaction(conn, "failed before the lock")
+            }
             (Kind::Session, _) => self.release_taken(conn),
         };
         if let Err(cleanup) = cleaned {
@@ -529,6 +558,10 @@ impl<S: Scope> Core<S> {
         let key = self.spec.key.clone();
         match failure {
             Failure::Canceled if self.check_cancelled().is_err() => Error::Cancelled { key },
+            Failure::InFailedTransaction if S::KIND == Kind::Session => {
+                warn!("lock {key}: its connection was inside a failed transaction; rolled back");
+                Error::TransactionLeftOpen { key }
+            }
             Failure::Deadlock => Error::Deadlock { key, source: e },
             Failure::OutOfSharedMemory => Error::LockTableFull { key, source: e },
             _ => Error::Database {

@@ -2,7 +2,8 @@
 //! can be read and tested without a server.
 //!
 //! Every statement names its functions schema-qualified (`pg_catalog.`), so a hostile
-//! `search_path` cannot redirect them. Nothing but integers, the lock's own marker token
+//! `search_path` cannot redirect them (operators are not qualified: a `search_path` that
+//! lists a schema before `pg_catalog` could redirect those). Nothing but integers, the lock's own marker token
 //! (letters, digits, `:`, `@`, `,` and `-`) and fixed text is ever put into SQL text.
 //!
 //! Two protocols:
@@ -106,6 +107,20 @@ fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
     }
 }
 
+/// The first column of a session lock statement sent inside a transaction block that was
+/// already open: it took nothing. (Its marker would be undone by that transaction's
+/// rollback while the session lock stayed, unmarked.)
+pub(crate) const IN_TRANSACTION: &str = "!";
+
+/// Runs `outcome` unless a transaction block was already open (see `session_unlock` for
+/// how that is seen), and then returns [`IN_TRANSACTION`].
+fn outside_transaction(outcome: &str) -> String {
+    format!(
+        "CASE WHEN pg_catalog.now() < pg_catalog.statement_timestamp() THEN '{IN_TRANSACTION}' \
+         ELSE {outcome} END"
+    )
+}
+
 /// The first column of a session statement when the server session carries another
 /// client's marker: `#` and that marker (`#` alone if it is empty). A token never starts
 /// with `#`, and the marker is read a second time only on this path.
@@ -114,8 +129,8 @@ fn or_shared() -> String {
 }
 
 /// Session lock, one non-blocking try. Columns: the outcome (the token when locked, ''
-/// when busy, `#` and the marker found when the session carries another client's marker),
-/// and with `learn` the settings.
+/// when busy, `#` and the marker found when the session carries another client's marker,
+/// [`IN_TRANSACTION`] when a transaction was open), and with `learn` the settings.
 pub(crate) fn session_try(
     mode: LockMode,
     key: &LockKey,
@@ -130,19 +145,20 @@ pub(crate) fn session_try(
     let shared = or_shared();
     // The marker is read once where the session is ours (a subquery to read it once on
     // every path costs more than a second read on the rare one).
-    format!(
-        "SELECT COALESCE(CASE WHEN {MARKER} = '' THEN \
+    let outcome = outside_transaction(&format!(
+        "COALESCE(CASE WHEN {MARKER} = '' THEN \
          CASE WHEN pg_catalog.pg_try_advisory_lock{m}({k}) \
          THEN pg_catalog.set_config('{SESSION_MARKER}', {t}, false) ELSE '' END END, \
-         {shared}){learn}"
-    )
+         {shared})"
+    ));
+    format!("SELECT {outcome}{learn}")
 }
 
 /// Session lock, a wait bounded by `lock_timeout`, set for this statement only to `ms`
 /// milliseconds, or left as the session has it with `None` (when it already has the
-/// wanted value). Column: the outcome (not starting with `#` when locked, `#` and the
-/// marker found when the session carries another client's marker); a wait that runs out
-/// fails with 55P03.
+/// wanted value). Column: the outcome (neither starting with `#` nor [`IN_TRANSACTION`]
+/// when locked, `#` and the marker found when the session carries another client's
+/// marker); a wait that runs out fails with 55P03.
 ///
 /// With parameters, `ms` only says whether the statement sets `lock_timeout`: the value is
 /// the parameter after the token.
@@ -172,11 +188,12 @@ pub(crate) fn session_wait(
     let shared = or_shared();
     // `||` runs left to right: the marker (rolled back with the statement if the wait
     // fails), lock_timeout, then the wait.
-    let select = format!(
-        "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
+    let outcome = outside_transaction(&format!(
+        "COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
          pg_catalog.set_config('{SESSION_MARKER}', {t}, false) || {set_lt}\
          pg_catalog.pg_advisory_lock{m}({k})::text END, {shared})"
-    );
+    ));
+    let select = format!("SELECT {outcome}");
     match args {
         Args::Params | Args::Literals => select,
         Args::Lifted => guarded(&select),
@@ -281,11 +298,11 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
 /// clients would both hold it. The marker ends with the key its session lock holds, so the
 /// check is a string comparison: nothing to scan, and nothing more to plan on every call.
 /// It errs on the safe side: a marker without `@` (written by an earlier pglock, whose
-/// markers named no key) refuses every key, and so does a marker left naming a key its session no
-/// longer holds (a `pg_advisory_unlock_all()` sent behind pglock's back).
+/// markers named no key) refuses every key, and a marker left naming a key its session no
+/// longer holds (a `pg_advisory_unlock_all()` sent behind pglock's back) refuses that key.
 fn tx_free(key: &LockKey) -> String {
-    // One read of the marker, one match against a constant pattern (compiled once per
-    // session), with the key appended: `marker/key` is refused when the marker is not
+    // One read of the marker, one match against a constant pattern (kept in the session's
+    // cache of compiled expressions), with the key appended: `marker/key` is refused when the marker is not
     // empty and has no `@`, or when what follows its `@` is the key. (An E'' literal, so
     // that the backslash means the same whatever standard_conforming_strings says.)
     format!(
