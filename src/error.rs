@@ -128,10 +128,11 @@ pub enum Error {
     /// released the lock, but the transaction's work is lost. Commit or roll back
     /// transactions you begin in the critical section.
     ///
-    /// Also returned, by a session lock's lock call, for a connection that came inside a
-    /// transaction (healthy or failed) left open by whoever had it before: pglock rolled it
-    /// back and took nothing (a lock taken there would be marked inside that transaction,
-    /// and its rollback would leave the lock held and unmarked). The next call locks.
+    /// Also returned by a lock call, for a connection that came inside a transaction
+    /// (healthy or failed) left open by whoever had it before: pglock rolled it back and
+    /// took nothing. (A session lock taken there would be marked inside that transaction,
+    /// and its rollback would leave the lock held and unmarked; a transaction lock would
+    /// join it and commit its work with the lock's.) The next call locks.
     #[error(
         "lock {key}: a transaction was left open on the lock's connection (by the critical \
          section, or by whoever had the connection before the lock); it was rolled back and \

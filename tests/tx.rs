@@ -546,3 +546,60 @@ fn a_transaction_lock_refuses_exactly_the_key_its_server_sessions_marker_names()
         ["refused"; 2]
     );
 }
+
+/// A connection can come out of the pool inside a transaction that other code left open.
+/// A transaction lock's `BEGIN` would join it, and its commit would commit that work with
+/// the lock's. So the lock takes nothing there: the transaction is rolled back and
+/// reported, and the next call locks. Healthy or failed, waiting or not.
+#[test]
+fn a_transaction_lock_refuses_a_connection_that_comes_inside_a_transaction() {
+    let key = unique_key!();
+    let pool = pool(1);
+    let mut admin = admin();
+    admin
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS pglock_tx_came_open (who text); \
+             DELETE FROM pglock_tx_came_open",
+        )
+        .unwrap();
+    for (opened, wait) in [
+        (
+            "BEGIN; INSERT INTO pglock_tx_came_open VALUES ('orphan')",
+            false,
+        ),
+        (
+            "BEGIN; INSERT INTO pglock_tx_came_open VALUES ('orphan')",
+            true,
+        ),
+        ("BEGIN; SELECT 1/0", false),
+    ] {
+        let pid = {
+            let mut conn = pool.get().unwrap();
+            let pid = backend_pid(&mut conn);
+            let _ = conn.batch_execute(opened);
+            pid
+        };
+        let mut lock = TxLock::new(&pool, key.clone()).unwrap();
+        let refused = if wait {
+            lock.try_lock_for(Duration::from_secs(5)).map(|_| ())
+        } else {
+            lock.try_lock().map(|_| ())
+        };
+        assert!(
+            matches!(refused, Err(Error::TransactionLeftOpen { .. })),
+            "{opened} (wait: {wait}): {refused:?}"
+        );
+        assert_eq!(holders(&mut admin, &key), 0, "{opened}");
+        assert_eq!(
+            backend_state(&mut admin, pid).as_deref(),
+            Some("idle"),
+            "{opened}"
+        );
+        lock.with_lock(|_| Ok::<_, Error>(())).unwrap();
+        let orphans: i64 = admin
+            .query_one("SELECT count(*) FROM pglock_tx_came_open", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(orphans, 0, "the orphaned transaction's work was committed");
+    }
+}

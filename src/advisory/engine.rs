@@ -331,6 +331,9 @@ impl<S: Scope> Core<S> {
                 if learn {
                     self.learn(&row, 1);
                 }
+                if col(&row, 0) == Some(sql::IN_TRANSACTION) {
+                    return Err(self.refuse_in_transaction(conn));
+                }
                 if truthy(col(&row, 0)) {
                     return Ok(true);
                 }
@@ -416,6 +419,9 @@ impl<S: Scope> Core<S> {
                         return Err(self.shared_session(Some(other)));
                     }
                 }
+                if S::KIND == Kind::Transaction && col(&row, 0) == Some(sql::IN_TRANSACTION) {
+                    return Err(self.refuse_in_transaction(conn));
+                }
                 if S::KIND == Kind::Transaction && !truthy(col(&row, 0)) {
                     return Err(self.refuse_shared_tx(conn));
                 }
@@ -492,9 +498,10 @@ impl<S: Scope> Core<S> {
         }
     }
 
-    /// A session lock statement found a transaction block open before it (left by whoever
-    /// last had the connection) and took nothing: a marker set inside it would be undone
-    /// by its rollback while the lock stayed. Rolls it back and reports it.
+    /// A lock statement found a transaction block open before it (left by whoever last had
+    /// the connection) and took nothing: a session lock's marker set inside it would be
+    /// undone by its rollback while the lock stayed, and a transaction lock's `BEGIN` would
+    /// have joined it and committed its work with the lock's. Rolls it back and reports it.
     fn refuse_in_transaction<M>(&mut self, conn: &mut PooledConnection<M>) -> Error
     where
         M: ManageConnection<Connection = Client>,
@@ -558,7 +565,8 @@ impl<S: Scope> Core<S> {
         let key = self.spec.key.clone();
         match failure {
             Failure::Canceled if self.check_cancelled().is_err() => Error::Cancelled { key },
-            Failure::InFailedTransaction if S::KIND == Kind::Session => {
+            // Before the batch (a batch of pglock's own fails with its first error).
+            Failure::InFailedTransaction => {
                 warn!("lock {key}: its connection was inside a failed transaction; rolled back");
                 Error::TransactionLeftOpen { key }
             }

@@ -312,32 +312,34 @@ fn tx_free(key: &LockKey) -> String {
 }
 
 /// Takes a transaction lock with `lock` (a function of `key`) where `key` is free on this
-/// server session, and then sets the transaction marker: true when taken, false (nothing
-/// tried) when the server session holds the key for another client's session lock. One
-/// expression, so the check is planned and run once.
+/// server session, and then sets the transaction marker: `true` when taken, `false`
+/// (nothing tried) when the server session holds the key for another client's session
+/// lock, [`IN_TRANSACTION`] (nothing tried) when the batch's `BEGIN` found a transaction
+/// open already and joined it. One expression, so the check is planned and run once.
 fn tx_lock_expr(lock: &str, key: &LockKey) -> String {
-    format!(
-        "(CASE WHEN {} THEN {lock}::text || pg_catalog.set_config('{TX_MARKER}', '{}', true) \
-         END) IS NOT NULL",
+    outside_transaction(&format!(
+        "((CASE WHEN {} THEN {lock}::text || pg_catalog.set_config('{TX_MARKER}', '{}', true) \
+         END) IS NOT NULL)::text",
         tx_free(key),
         tx_marker(key)
-    )
+    ))
 }
 
 /// Transaction lock, one non-blocking try: `BEGIN` and the try in one batch. Columns of
-/// its row: whether it locked (NULL: the server session holds the key for another
-/// client's session lock, so nothing was tried), and with `learn` the settings.
+/// its row: whether it locked (`true`, `false`; NULL: the server session holds the key for
+/// another client's session lock, [`IN_TRANSACTION`]: a transaction was open before the
+/// batch; nothing was tried in either), and with `learn` the settings.
 pub(crate) fn tx_try(mode: LockMode, key: &LockKey, learn: bool) -> String {
     // The try returns false when busy: the marker is set only when it returns true.
-    format!(
-        "BEGIN; SELECT CASE WHEN {} THEN pg_catalog.pg_try_advisory_xact_lock{}({}) \
-         AND pg_catalog.set_config('{TX_MARKER}', '{}', true) IS NOT NULL END{}",
+    let outcome = outside_transaction(&format!(
+        "(CASE WHEN {} THEN pg_catalog.pg_try_advisory_xact_lock{}({}) \
+         AND pg_catalog.set_config('{TX_MARKER}', '{}', true) IS NOT NULL END)::text",
         tx_free(key),
         mode.fn_suffix(),
         key.sql_args(),
         tx_marker(key),
-        settings(learn)
-    )
+    ));
+    format!("BEGIN; SELECT {outcome}{}", settings(learn))
 }
 
 /// Reads the session marker, then ends the transaction: after a transaction lock found its
@@ -553,12 +555,14 @@ mod tests {
         let key = LockKey::pair(1, -1);
         let free = "(NOT (COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
              || '/1,-1') ~ E'^[^@]+/|@([^@/]*)/\\\\1$')";
+        let open = "CASE WHEN pg_catalog.now() < pg_catalog.statement_timestamp() THEN '!' ELSE";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(
-                "BEGIN; SELECT CASE WHEN {free} THEN \
+                "BEGIN; SELECT {open} (CASE WHEN {free} THEN \
                  pg_catalog.pg_try_advisory_xact_lock_shared(1, -1) \
-                 AND pg_catalog.set_config('pglock.tx_lock', '1,-1', true) IS NOT NULL END"
+                 AND pg_catalog.set_config('pglock.tx_lock', '1,-1', true) IS NOT NULL END)::text \
+                 END"
             )
         );
         assert!(tx_try(LockMode::Shared, &key, true).ends_with(SETTINGS));
@@ -566,15 +570,17 @@ mod tests {
         assert_eq!(
             plain,
             format!(
-                "BEGIN; SELECT (CASE WHEN {free} THEN pg_catalog.pg_advisory_xact_lock(1, -1)::text \
-                 || pg_catalog.set_config('pglock.tx_lock', '1,-1', true) END) IS NOT NULL"
+                "BEGIN; SELECT {open} ((CASE WHEN {free} THEN \
+                 pg_catalog.pg_advisory_xact_lock(1, -1)::text \
+                 || pg_catalog.set_config('pglock.tx_lock', '1,-1', true) END) IS NOT NULL)::text \
+                 END"
             )
         );
         assert_eq!(plain.matches("pglock.session_lock").count(), 1, "{plain}");
         assert!(plain.contains(r"~ E'^[^@]+/|@([^@/]*)/\\1$'"), "{plain}");
         let fast = tx_wait(LockMode::Exclusive, &key, 250, TxWait::SetLockTimeout);
         assert!(
-            fast.starts_with(&format!("BEGIN; SELECT (CASE WHEN {free} THEN ")),
+            fast.starts_with(&format!("BEGIN; SELECT {open} ((CASE WHEN {free} THEN ")),
             "{fast}"
         );
         assert!(!fast.contains("SET LOCAL"), "{fast}");
