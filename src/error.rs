@@ -136,7 +136,7 @@ pub enum Error {
     #[error(
         "lock {key}: a transaction was left open on the lock's connection (by the critical \
          section, or by whoever had the connection before the lock); it was rolled back and \
-         its work is lost"
+         any work in it is lost"
     )]
     TransactionLeftOpen {
         /// The lock.

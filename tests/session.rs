@@ -313,6 +313,11 @@ fn a_lock_refuses_a_connection_that_comes_inside_a_transaction() {
         ("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)", false),
         ("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)", true),
         ("BEGIN; SELECT 1/0", false),
+        // pglock's prepared statements gone too: its own EXECUTE finds none.
+        (
+            "DEALLOCATE ALL; BEGIN; CREATE TEMP TABLE pglock_came_open (x int)",
+            false,
+        ),
     ] {
         let pid = {
             let mut conn = pool.get().unwrap();
@@ -351,6 +356,47 @@ fn a_lock_refuses_a_connection_that_comes_inside_a_transaction() {
             "the transaction the connection came with was committed"
         );
     }
+    // Nothing of the refusals is left to be misread later: a failed transaction that a
+    // critical section leaves is rolled back and the unlock succeeds, as always.
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let mut guard = lock.try_lock().unwrap().expect("a free key");
+    assert!(guard.batch_execute("BEGIN; SELECT 1/0").is_err());
+    SessionGuard::unlock(guard).expect("unlock after a failed transaction");
+}
+
+/// The check for a transaction left open compares the timestamps with `pg_catalog`'s own
+/// operator: one on the `search_path` before `pg_catalog` cannot stand in.
+#[test]
+fn a_search_path_operator_cannot_turn_the_open_transaction_check_off() {
+    let key = unique_key!();
+    let mut admin = admin();
+    admin
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pglock_test_hostile; \
+             CREATE OR REPLACE FUNCTION pglock_test_hostile.never(timestamptz, timestamptz) \
+             RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT false'; \
+             DROP OPERATOR IF EXISTS pglock_test_hostile.< (timestamptz, timestamptz); \
+             DROP OPERATOR IF EXISTS pglock_test_hostile.<> (timestamptz, timestamptz); \
+             CREATE OPERATOR pglock_test_hostile.< (LEFTARG = timestamptz, \
+             RIGHTARG = timestamptz, FUNCTION = pglock_test_hostile.never); \
+             CREATE OPERATOR pglock_test_hostile.<> (LEFTARG = timestamptz, \
+             RIGHTARG = timestamptz, FUNCTION = pglock_test_hostile.never)",
+        )
+        .unwrap();
+    let mut config = common::config();
+    config.options("-c search_path=pglock_test_hostile,pg_catalog,public");
+    let pool = common::pool_with(1, config);
+    pool.get()
+        .unwrap()
+        .batch_execute("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)")
+        .unwrap();
+    let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
+    let refused = lock.try_lock().map(|_| ());
+    assert!(
+        matches!(refused, Err(Error::TransactionLeftOpen { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(holders(&mut admin, &key), 0);
 }
 
 #[test]

@@ -16,7 +16,8 @@ const LIFT: &str = "SET LOCAL statement_timeout = 0; \
 
 /// Whether a transaction was already open when this Query arrived: in one simple Query,
 /// `now()` (the transaction's start) equals `statement_timestamp()` unless it was.
-const IN_TRANSACTION: &str = "(pg_catalog.now() < pg_catalog.statement_timestamp())::text";
+const IN_TRANSACTION: &str =
+    "(pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text";
 
 // ---------------------------------------------------------------------------------------
 // Semaphores

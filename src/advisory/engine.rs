@@ -510,6 +510,8 @@ impl<S: Scope> Core<S> {
             "lock {}: its connection was inside a transaction before the lock; rolling it back",
             self.spec.key
         );
+        // Whatever pglock's own statements did to that transaction is settled here too.
+        take_aborted_open_transaction(conn);
         match self.end_transaction(conn, "left open before the lock") {
             Err(error) => error,
             Ok(()) => Error::TransactionLeftOpen {
@@ -552,6 +554,7 @@ impl<S: Scope> Core<S> {
             (Kind::Session, Failure::Deadlock | Failure::OutOfSharedMemory) => Ok(()),
             // The connection came inside a failed transaction: nothing ran. End it.
             (Kind::Session, Failure::InFailedTransaction) => {
+                take_aborted_open_transaction(conn);
                 self.end_transaction(conn, "failed before the lock")
             }
             (Kind::Session, _) => self.release_taken(conn),

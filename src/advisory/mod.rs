@@ -225,7 +225,9 @@ where
     ///
     /// The lock takes the connection over: do not take advisory locks on it by other means
     /// while the lock owns it. Such a lock has no pool to take a new connection from if
-    /// this one dies.
+    /// this one dies. Hand it over outside any transaction: a lock call on a connection
+    /// inside one rolls that transaction back and fails with
+    /// [`Error::TransactionLeftOpen`] (a `TxLock` does not join it).
     ///
     /// # Errors
     ///
@@ -263,9 +265,11 @@ where
     /// # Errors
     ///
     /// [`Error::Cancelled`] if the lock was cancelled; [`Error::SessionShared`] if a
-    /// transaction-mode pooler is in the way of a session lock; [`Error::LockTableFull`]
-    /// if the server's lock table is full; [`Error::Pool`] if the lock needed a new
-    /// connection and got none; [`Error::Database`] for any other failure.
+    /// transaction-mode pooler is in the way of a session lock;
+    /// [`Error::TransactionLeftOpen`] if the connection came inside a transaction (now
+    /// rolled back; nothing was taken); [`Error::LockTableFull`] if the server's lock table
+    /// is full; [`Error::Pool`] if the lock needed a new connection and got none;
+    /// [`Error::Database`] for any other failure.
     ///
     /// # Examples
     ///
@@ -296,7 +300,8 @@ where
     ///
     /// [`Error::Timeout`] if the bound passed; [`Error::Cancelled`] if the wait was
     /// cancelled; [`Error::Deadlock`] if the server found this wait in a deadlock;
-    /// [`Error::SessionShared`], [`Error::LockTableFull`], [`Error::Pool`] or
+    /// [`Error::TransactionLeftOpen`] if the connection came inside a transaction (now
+    /// rolled back); [`Error::SessionShared`], [`Error::LockTableFull`], [`Error::Pool`] or
     /// [`Error::Database`] for failures of the server or the connection. After any error,
     /// this lock holds nothing.
     ///

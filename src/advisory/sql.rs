@@ -2,8 +2,9 @@
 //! can be read and tested without a server.
 //!
 //! Every statement names its functions schema-qualified (`pg_catalog.`), so a hostile
-//! `search_path` cannot redirect them (operators are not qualified: a `search_path` that
-//! lists a schema before `pg_catalog` could redirect those). Nothing but integers, the lock's own marker token
+//! `search_path` cannot redirect them (most operators are not qualified: a `search_path`
+//! that lists a schema before `pg_catalog` could redirect those; the check for a
+//! transaction left open is). Nothing but integers, the lock's own marker token
 //! (letters, digits, `:`, `@`, `,` and `-`) and fixed text is ever put into SQL text.
 //!
 //! Two protocols:
@@ -116,7 +117,7 @@ pub(crate) const IN_TRANSACTION: &str = "!";
 /// how that is seen), and then returns [`IN_TRANSACTION`].
 fn outside_transaction(outcome: &str) -> String {
     format!(
-        "CASE WHEN pg_catalog.now() < pg_catalog.statement_timestamp() THEN '{IN_TRANSACTION}' \
+        "CASE WHEN pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp() THEN '{IN_TRANSACTION}' \
          ELSE {outcome} END"
     )
 }
@@ -215,7 +216,9 @@ pub(crate) fn session_unlock(
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
     // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
-    // start) equals statement_timestamp() unless a transaction was already open. (Not so
+    // start) equals statement_timestamp() unless a transaction was already open. (`<>`,
+    // not `<`: a wall clock stepped back in between makes it earlier; qualified, so that
+    // no operator on the search_path can stand in.) (Not so
     // in the extended protocol, whose statement timestamp is taken again at Execute.) Also
     // asked after a critical section that never used the connection: the connection may
     // have come out of the pool (or `from_connection`) inside a transaction.
@@ -225,7 +228,7 @@ pub(crate) fn session_unlock(
         "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
          pg_catalog.pg_advisory_unlock{m}({k})::text || \
          pg_catalog.set_config('{SESSION_MARKER}', '', false) END, {shared}), \
-         (pg_catalog.now() < pg_catalog.statement_timestamp())::text{learn}"
+         (pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text{learn}"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -491,13 +494,15 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.ends_with("(pg_catalog.now() < pg_catalog.statement_timestamp())::text"),
+            sql.ends_with(
+                "(pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text"
+            ),
             "{sql}"
         );
         let used = session_unlock(LockMode::Exclusive, &key, Args::Params, TOKEN, true);
         assert!(
             used.contains(&format!(
-                "(pg_catalog.now() < pg_catalog.statement_timestamp())::text, {SETTINGS}"
+                "(pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text, {SETTINGS}"
             )),
             "{used}"
         );
@@ -555,7 +560,7 @@ mod tests {
         let key = LockKey::pair(1, -1);
         let free = "(NOT (COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') \
              || '/1,-1') ~ E'^[^@]+/|@([^@/]*)/\\\\1$')";
-        let open = "CASE WHEN pg_catalog.now() < pg_catalog.statement_timestamp() THEN '!' ELSE";
+        let open = "CASE WHEN pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp() THEN '!' ELSE";
         assert_eq!(
             tx_try(LockMode::Shared, &key, false),
             format!(
