@@ -198,15 +198,24 @@ pub fn spawn_waiter(
     std::thread::spawn(move || {
         let mut conn = pool.get().unwrap();
         let pid = backend_pid(&mut conn);
-        if transaction {
+        // The lock (and its connection) is dropped before the result is sent: a test that
+        // checks the pool out next must find the connection back (or gone). r2d2 does not
+        // wake a thread already waiting in `get` when a broken connection comes back to a
+        // pool whose `min_idle` is below its size, and the test's checkout would time out.
+        let result = if transaction {
             let mut lock = pglock::TxLock::from_connection(conn, key, options).unwrap();
             setup_tx.send((lock.cancel_handle(), pid)).unwrap();
-            done_tx.send(lock.lock().map(|_| ())).unwrap();
+            let result = lock.lock().map(|_| ());
+            drop(lock);
+            result
         } else {
             let mut lock = pglock::SessionLock::from_connection(conn, key, options).unwrap();
             setup_tx.send((lock.cancel_handle(), pid)).unwrap();
-            done_tx.send(lock.lock().map(|_| ())).unwrap();
-        }
+            let result = lock.lock().map(|_| ());
+            drop(lock);
+            result
+        };
+        done_tx.send(result).unwrap();
     });
     let (handle, pid) = setup_rx.recv().expect("the waiter thread failed to start");
     (handle, pid, done_rx)
