@@ -6,6 +6,7 @@
 //! fixed text are ever put into SQL text (a semaphore's channel name is digits and fixed
 //! text too).
 
+use super::sql::TRANSACTION_WAS_OPEN;
 use crate::LockKey;
 
 /// Lifts `statement_timeout` (and PostgreSQL 17's `transaction_timeout`) for the rest of
@@ -13,11 +14,6 @@ use crate::LockKey;
 const LIFT: &str = "SET LOCAL statement_timeout = 0; \
      SELECT CASE WHEN pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL \
      THEN pg_catalog.set_config('transaction_timeout', '0', true) END; ";
-
-/// Whether a transaction was already open when this Query arrived: in one simple Query,
-/// `now()` (the transaction's start) equals `statement_timestamp()` unless it was.
-const IN_TRANSACTION: &str =
-    "(pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text";
 
 // ---------------------------------------------------------------------------------------
 // Semaphores
@@ -71,7 +67,7 @@ pub(crate) fn semaphore_try(base: i32, permits: u32, start: u32) -> String {
 /// then waits for its end, and the caller must notify again after rolling it back).
 pub(crate) fn semaphore_unlock(base: i32, slot: u32) -> String {
     format!(
-        "SELECT pg_catalog.pg_advisory_unlock({base}, {slot})::text, {IN_TRANSACTION}, \
+        "SELECT pg_catalog.pg_advisory_unlock({base}, {slot})::text, ({TRANSACTION_WAS_OPEN})::text, \
          pg_catalog.pg_notify('{}', '')",
         semaphore_channel(base)
     )
@@ -173,7 +169,7 @@ pub(crate) fn set_unlock(keys: &[LockKey]) -> String {
         .collect();
     // An array constructor evaluates every element once, in order: every unlock runs.
     format!(
-        "SELECT (pg_catalog.array_position(ARRAY[{}], false) IS NULL)::text, {IN_TRANSACTION}",
+        "SELECT (pg_catalog.array_position(ARRAY[{}], false) IS NULL)::text, ({TRANSACTION_WAS_OPEN})::text",
         unlocks.join(", ")
     )
 }

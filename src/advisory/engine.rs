@@ -411,16 +411,13 @@ impl<S: Scope> Core<S> {
                     self.learn(&first, 0);
                 }
                 let row = last(rows);
+                if col(&row, 0) == Some(sql::IN_TRANSACTION) {
+                    return Err(self.refuse_in_transaction(conn));
+                }
                 if S::KIND == Kind::Session {
-                    if col(&row, 0) == Some(sql::IN_TRANSACTION) {
-                        return Err(self.refuse_in_transaction(conn));
-                    }
                     if let Some(other) = sql::shared_marker(col(&row, 0)) {
                         return Err(self.shared_session(Some(other)));
                     }
-                }
-                if S::KIND == Kind::Transaction && col(&row, 0) == Some(sql::IN_TRANSACTION) {
-                    return Err(self.refuse_in_transaction(conn));
                 }
                 if S::KIND == Kind::Transaction && !truthy(col(&row, 0)) {
                     return Err(self.refuse_shared_tx(conn));
@@ -510,14 +507,22 @@ impl<S: Scope> Core<S> {
             "lock {}: its connection was inside a transaction before the lock; rolling it back",
             self.spec.key
         );
-        // Whatever pglock's own statements did to that transaction is settled here too.
-        take_aborted_open_transaction(conn);
-        match self.end_transaction(conn, "left open before the lock") {
+        match self.end_stray_transaction(conn) {
             Err(error) => error,
             Ok(()) => Error::TransactionLeftOpen {
                 key: self.spec.key.clone(),
             },
         }
+    }
+
+    /// Rolls back a transaction the connection came with. Whatever pglock's own statements
+    /// did to it is settled with it.
+    fn end_stray_transaction<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        take_aborted_open_transaction(conn);
+        self.end_transaction(conn, "left open before the lock")
     }
 
     fn shared_session(&self, other: Option<&str>) -> Error {
@@ -553,10 +558,7 @@ impl<S: Scope> Core<S> {
             // the lock, and scanning pg_locks with a full lock table is slow.
             (Kind::Session, Failure::Deadlock | Failure::OutOfSharedMemory) => Ok(()),
             // The connection came inside a failed transaction: nothing ran. End it.
-            (Kind::Session, Failure::InFailedTransaction) => {
-                take_aborted_open_transaction(conn);
-                self.end_transaction(conn, "failed before the lock")
-            }
+            (Kind::Session, Failure::InFailedTransaction) => self.end_stray_transaction(conn),
             (Kind::Session, _) => self.release_taken(conn),
         };
         if let Err(cleanup) = cleaned {

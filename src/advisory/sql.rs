@@ -113,13 +113,19 @@ fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
 /// rollback while the session lock stayed, unmarked.)
 pub(crate) const IN_TRANSACTION: &str = "!";
 
-/// Runs `outcome` unless a transaction block was already open (see `session_unlock` for
-/// how that is seen), and then returns [`IN_TRANSACTION`].
+/// Whether a transaction block was already open when this simple Query (also one that
+/// `EXECUTE`s a prepared statement) arrived: `now()` (the transaction's start) equals
+/// `statement_timestamp()` unless it was. (Not so in the extended protocol, whose statement
+/// timestamp is taken again at Execute.) `<>`, not `<`: a wall clock stepped back in
+/// between makes the start earlier. Qualified, so that no operator on the `search_path` can
+/// stand in.
+pub(crate) const TRANSACTION_WAS_OPEN: &str =
+    "pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp()";
+
+/// Runs `outcome` unless a transaction block was already open, and then returns
+/// [`IN_TRANSACTION`].
 fn outside_transaction(outcome: &str) -> String {
-    format!(
-        "CASE WHEN pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp() THEN '{IN_TRANSACTION}' \
-         ELSE {outcome} END"
-    )
+    format!("CASE WHEN {TRANSACTION_WAS_OPEN} THEN '{IN_TRANSACTION}' ELSE {outcome} END")
 }
 
 /// The first column of a session statement when the server session carries another
@@ -173,19 +179,13 @@ pub(crate) fn session_wait(
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
-    let set_lt = match (args, ms) {
-        (_, None) => String::new(),
-        (Args::Params, Some(_)) => {
-            format!(
-                "pg_catalog.set_config('lock_timeout', {}, true) || ",
-                param(key, 1)
-            )
-        }
-        (Args::Literals | Args::Lifted, Some(ms)) => format!(
-            "pg_catalog.set_config('lock_timeout', {}, true) || ",
-            literal(&ms.to_string())
-        ),
-    };
+    let lt = ms.map(|ms| match args {
+        Args::Params => param(key, 1),
+        Args::Literals | Args::Lifted => literal(&ms.to_string()),
+    });
+    let set_lt = lt.map_or_else(String::new, |lt| {
+        format!("pg_catalog.set_config('lock_timeout', {lt}, true) || ")
+    });
     let shared = or_shared();
     // `||` runs left to right: the marker (rolled back with the statement if the wait
     // fails), lock_timeout, then the wait.
@@ -215,20 +215,16 @@ pub(crate) fn session_unlock(
     let m = mode.fn_suffix();
     let k = key_args(key, args);
     let t = token_sql(key, args, token);
-    // In one simple Query (also one that EXECUTEs this prepared), now() (the transaction's
-    // start) equals statement_timestamp() unless a transaction was already open. (`<>`,
-    // not `<`: a wall clock stepped back in between makes it earlier; qualified, so that
-    // no operator on the search_path can stand in.) (Not so
-    // in the extended protocol, whose statement timestamp is taken again at Execute.) Also
-    // asked after a critical section that never used the connection: the connection may
-    // have come out of the pool (or `from_connection`) inside a transaction.
+    // Whether a transaction was open is asked also after a critical section that never
+    // used the connection: it may have come out of the pool (or `from_connection`) inside
+    // one.
     let learn = settings(learn);
     let shared = or_shared();
     let select = format!(
         "SELECT COALESCE(CASE WHEN {MARKER} IN ('', {t}) THEN \
          pg_catalog.pg_advisory_unlock{m}({k})::text || \
          pg_catalog.set_config('{SESSION_MARKER}', '', false) END, {shared}), \
-         (pg_catalog.now() OPERATOR(pg_catalog.<>) pg_catalog.statement_timestamp())::text{learn}"
+         ({TRANSACTION_WAS_OPEN})::text{learn}"
     );
     match args {
         Args::Params | Args::Literals => select,
@@ -299,15 +295,16 @@ pub(crate) fn tx_marker(key: &LockKey) -> String {
 /// marker, or one that ends with another key. Behind a pooler another client's session
 /// lock may sit on the session, and a second grant of its key would be re-entrant: two
 /// clients would both hold it. The marker ends with the key its session lock holds, so the
-/// check is a string comparison: nothing to scan, and nothing more to plan on every call.
+/// check is one match of the marker's text: nothing to scan, little to plan on every call.
 /// It errs on the safe side: a marker without `@` (written by an earlier pglock, whose
 /// markers named no key) refuses every key, and a marker left naming a key its session no
 /// longer holds (a `pg_advisory_unlock_all()` sent behind pglock's back) refuses that key.
 fn tx_free(key: &LockKey) -> String {
     // One read of the marker, one match against a constant pattern (kept in the session's
-    // cache of compiled expressions), with the key appended: `marker/key` is refused when the marker is not
-    // empty and has no `@`, or when what follows its `@` is the key. (An E'' literal, so
-    // that the backslash means the same whatever standard_conforming_strings says.)
+    // cache of compiled expressions), with the key appended: `marker/key` is refused when
+    // the marker is not empty and has no `@`, or when what follows its `@` is the key. (An
+    // E'' literal, so that the backslash means the same whatever
+    // standard_conforming_strings says.)
     format!(
         "(NOT ({MARKER} || '/{}') ~ E'^[^@]+/|@([^@/]*)/\\\\1$')",
         tx_marker(key)
