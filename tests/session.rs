@@ -319,28 +319,15 @@ fn a_lock_refuses_a_connection_that_comes_inside_a_transaction() {
             false,
         ),
     ] {
-        let pid = {
-            let mut conn = pool.get().unwrap();
-            let pid = backend_pid(&mut conn);
-            let _ = conn.batch_execute(opened);
-            pid
-        };
+        let pid = common::leave_open(&pool, opened);
         let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
         let refused = if wait {
             lock.try_lock_for(Duration::from_secs(5)).map(|_| ())
         } else {
             lock.try_lock().map(|_| ())
         };
-        assert!(
-            matches!(refused, Err(Error::TransactionLeftOpen { .. })),
-            "{opened} (wait: {wait}): {refused:?}"
-        );
-        assert_eq!(holders(&mut admin, &key), 0, "{opened}");
-        assert_eq!(
-            common::backend_state(&mut admin, pid).as_deref(),
-            Some("idle"),
-            "{opened}"
-        );
+        let what = format!("{opened} (wait: {wait})");
+        common::assert_refused_inside_transaction(&mut admin, &key, pid, &what, refused);
         let guard = lock.try_lock().unwrap().expect("a free key");
         SessionGuard::unlock(guard).unwrap();
         let mut conn = lock.into_connection().unwrap();
@@ -386,17 +373,11 @@ fn a_search_path_operator_cannot_turn_the_open_transaction_check_off() {
     let mut config = common::config();
     config.options("-c search_path=pglock_test_hostile,pg_catalog,public");
     let pool = common::pool_with(1, config);
-    pool.get()
-        .unwrap()
-        .batch_execute("BEGIN; CREATE TEMP TABLE pglock_came_open (x int)")
-        .unwrap();
+    let opened = "BEGIN; CREATE TEMP TABLE pglock_came_open (x int)";
+    let pid = common::leave_open(&pool, opened);
     let mut lock = SessionLock::new(&pool, key.clone()).unwrap();
     let refused = lock.try_lock().map(|_| ());
-    assert!(
-        matches!(refused, Err(Error::TransactionLeftOpen { .. })),
-        "{refused:?}"
-    );
-    assert_eq!(holders(&mut admin, &key), 0);
+    common::assert_refused_inside_transaction(&mut admin, &key, pid, opened, refused);
 }
 
 #[test]

@@ -573,28 +573,15 @@ fn a_transaction_lock_refuses_a_connection_that_comes_inside_a_transaction() {
         ),
         ("BEGIN; SELECT 1/0", false),
     ] {
-        let pid = {
-            let mut conn = pool.get().unwrap();
-            let pid = backend_pid(&mut conn);
-            let _ = conn.batch_execute(opened);
-            pid
-        };
+        let pid = common::leave_open(&pool, opened);
         let mut lock = TxLock::new(&pool, key.clone()).unwrap();
         let refused = if wait {
             lock.try_lock_for(Duration::from_secs(5)).map(|_| ())
         } else {
             lock.try_lock().map(|_| ())
         };
-        assert!(
-            matches!(refused, Err(Error::TransactionLeftOpen { .. })),
-            "{opened} (wait: {wait}): {refused:?}"
-        );
-        assert_eq!(holders(&mut admin, &key), 0, "{opened}");
-        assert_eq!(
-            backend_state(&mut admin, pid).as_deref(),
-            Some("idle"),
-            "{opened}"
-        );
+        let what = format!("{opened} (wait: {wait})");
+        common::assert_refused_inside_transaction(&mut admin, &key, pid, &what, refused);
         lock.with_lock(|_| Ok::<_, Error>(())).unwrap();
         let orphans: i64 = admin
             .query_one("SELECT count(*) FROM pglock_tx_came_open", &[])

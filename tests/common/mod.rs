@@ -221,6 +221,37 @@ pub fn spawn_waiter(
     (handle, pid, done_rx)
 }
 
+/// Leaves the pool's next connection inside the transaction that `opened` begins (as
+/// other code that returned it so would), and returns its backend pid.
+pub fn leave_open(pool: &Pool, opened: &str) -> i32 {
+    let mut conn = pool.get().unwrap();
+    let pid = backend_pid(&mut conn);
+    let _ = conn.batch_execute(opened);
+    pid
+}
+
+/// Asserts that a lock call on a connection left inside a transaction (`opened`, backend
+/// `pid`) was refused: `Error::TransactionLeftOpen`, nothing held, the backend idle.
+#[track_caller]
+pub fn assert_refused_inside_transaction(
+    admin: &mut Client,
+    key: &LockKey,
+    pid: i32,
+    opened: &str,
+    refused: Result<(), Error>,
+) {
+    assert!(
+        matches!(refused, Err(Error::TransactionLeftOpen { .. })),
+        "{opened}: {refused:?}"
+    );
+    assert_eq!(holders(admin, key), 0, "{opened}");
+    assert_eq!(
+        backend_state(admin, pid).as_deref(),
+        Some("idle"),
+        "{opened}"
+    );
+}
+
 /// Drops and re-creates a one-column table `name (x int)`, for tests that need their own.
 pub fn fresh_table(admin: &mut Client, name: &str) {
     admin
