@@ -36,20 +36,33 @@ mod common;
 
 use common::{interleaved, pool, round_trip, us, Conn, Pair, Pool, Rng};
 
-fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
-    let mut rng_f = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut rng_s = Rng(0x1234_5678_9abc_def1);
-    let mut rng_l = Rng(0xdead_beef_cafe_f00d);
+/// The prepared floor of W1: `pg_try_advisory_lock($1)` and `pg_advisory_unlock($1)` on
+/// keys from `rng`.
+fn try_unlock_floor<'a>(floor: &'a mut Conn, mut rng: Rng) -> Box<dyn FnMut() + 'a> {
     let lock = floor.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
     let unlock = floor.prepare("SELECT pg_advisory_unlock($1)").unwrap();
+    Box::new(move || {
+        let k = rng.key();
+        floor.query(&lock, &[&k]).unwrap();
+        floor.query(&unlock, &[&k]).unwrap();
+    })
+}
+
+/// pglock's W1: `set_key`, `try_lock` and unlock on keys from `rng`.
+fn try_unlock_pglock<'a>(lib: &'a mut SessionLock, mut rng: Rng) -> Box<dyn FnMut() + 'a> {
+    Box::new(move || {
+        lib.set_key(rng.key()).unwrap();
+        let guard = lib.try_lock().unwrap().expect("a random key is free");
+        SessionGuard::unlock(guard).unwrap();
+    })
+}
+
+fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
+    let mut rng_s = Rng(0x1234_5678_9abc_def1);
     Pair {
         name: "W1 try_lock + unlock, random keys",
         round_trips: 2,
-        floor: Box::new(move || {
-            let k = rng_f.key();
-            floor.query(&lock, &[&k]).unwrap();
-            floor.query(&unlock, &[&k]).unwrap();
-        }),
+        floor: try_unlock_floor(floor, Rng(0x9e37_79b9_7f4a_7c15)),
         same: Box::new(move || {
             let k = rng_s.key();
             same.simple_query(&format!("SELECT pg_try_advisory_lock({k})"))
@@ -57,11 +70,7 @@ fn w1<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> 
             same.simple_query(&format!("SELECT pg_advisory_unlock({k})"))
                 .unwrap();
         }),
-        pglock: Box::new(move || {
-            lib.set_key(rng_l.key()).unwrap();
-            let guard = lib.try_lock().unwrap().expect("a random key is free");
-            SessionGuard::unlock(guard).unwrap();
-        }),
+        pglock: try_unlock_pglock(lib, Rng(0xdead_beef_cafe_f00d)),
     }
 }
 
@@ -125,11 +134,7 @@ fn w3<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut TxLock) -> Pair<
 /// behind a pooler they could run another client's statement). It splits pglock's cost
 /// into what `EXECUTE` costs and what its checks and client code cost.
 fn w1_execute<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionLock) -> Pair<'a> {
-    let mut rng_f = Rng(0x0123_4567_89ab_cdef);
     let mut rng_s = Rng(0x0fed_cba9_8765_4321);
-    let mut rng_l = Rng(0x5555_aaaa_5555_aaaa);
-    let lock = floor.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
-    let unlock = floor.prepare("SELECT pg_advisory_unlock($1)").unwrap();
     same.batch_execute(
         "PREPARE bench_try(bigint) AS SELECT pg_try_advisory_lock($1); \
          PREPARE bench_unlock(bigint) AS SELECT pg_advisory_unlock($1)",
@@ -138,11 +143,7 @@ fn w1_execute<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionL
     Pair {
         name: "W1 try_lock + unlock, the floor also as SQL EXECUTE",
         round_trips: 2,
-        floor: Box::new(move || {
-            let k = rng_f.key();
-            floor.query(&lock, &[&k]).unwrap();
-            floor.query(&unlock, &[&k]).unwrap();
-        }),
+        floor: try_unlock_floor(floor, Rng(0x0123_4567_89ab_cdef)),
         same: Box::new(move || {
             let k = rng_s.key();
             same.simple_query(&format!("EXECUTE bench_try({k})"))
@@ -150,11 +151,7 @@ fn w1_execute<'a>(floor: &'a mut Conn, same: &'a mut Conn, lib: &'a mut SessionL
             same.simple_query(&format!("EXECUTE bench_unlock({k})"))
                 .unwrap();
         }),
-        pglock: Box::new(move || {
-            lib.set_key(rng_l.key()).unwrap();
-            let guard = lib.try_lock().unwrap().expect("a random key is free");
-            SessionGuard::unlock(guard).unwrap();
-        }),
+        pglock: try_unlock_pglock(lib, Rng(0x5555_aaaa_5555_aaaa)),
     }
 }
 
