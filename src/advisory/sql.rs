@@ -108,9 +108,9 @@ fn token_sql(key: &LockKey, args: Args, token: &str) -> String {
     }
 }
 
-/// The first column of a session lock statement sent inside a transaction block that was
-/// already open: it took nothing. (Its marker would be undone by that transaction's
-/// rollback while the session lock stayed, unmarked.)
+/// The first column of a lock statement sent inside a transaction block that was already
+/// open: it took nothing. (A session lock's marker would be undone by that transaction's
+/// rollback while the lock stayed, unmarked; a transaction lock would join it.)
 pub(crate) const IN_TRANSACTION: &str = "!";
 
 /// Whether a transaction block was already open when this simple Query (also one that
