@@ -172,6 +172,34 @@
 //! [`inspect::holders`] lists the sessions that hold or wait for a key (or for every
 //! advisory lock of the database), from `pg_locks` and `pg_stat_activity`.
 //!
+//! # Errors in a critical section
+//!
+//! [`Error`] is pglock's own: every variant names the lock that failed. The SQL a
+//! critical section runs fails with [`postgres::Error`], which names no lock, so there is
+//! no `From<postgres::Error>` for [`Error`]. Give the critical section (and the function
+//! that runs it) an error type both convert into: `Box<dyn std::error::Error + Send +
+//! Sync>`, `anyhow::Error`, or an enum of your own with a variant for each. `with_lock`
+//! only asks that its closure's error type is `From<pglock::Error>`.
+//!
+//! ```no_run
+//! use pglock::SessionGuard;
+//!
+//! type BoxError = Box<dyn std::error::Error + Send + Sync>;
+//!
+//! /// The critical section: `?` works on the guard's SQL and on pglock's own calls.
+//! fn refresh(guard: &mut SessionGuard<'_>) -> Result<u64, BoxError> {
+//!     if !SessionGuard::is_held(guard)? {
+//!         return Err("lost the lock".into());
+//!     }
+//!     Ok(guard.execute("REFRESH MATERIALIZED VIEW daily_totals", &[])?)
+//! }
+//!
+//! fn job(pool: &pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>>) -> Result<u64, BoxError> {
+//!     let mut lock = pglock::SessionLock::new(pool, "daily-totals")?;
+//!     lock.with_lock(refresh)
+//! }
+//! ```
+//!
 //! # Metrics
 //!
 //! With the `metrics` cargo feature, pglock reports through the
@@ -217,7 +245,7 @@ mod wait;
 pub use crate::advisory::{
     AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, LockSet, LockSetGuard, OwnedAdvisoryGuard,
     OwnedSessionGuard, OwnedTxGuard, Scope, SemaphorePermit, Session, SessionGuard, SessionLock,
-    Transaction, TxGuard, TxLock, TxSavepoint, MAX_PERMITS, MAX_SET_KEYS,
+    Transaction, TxGuard, TxLock, TxSavepoint,
 };
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};

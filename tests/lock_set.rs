@@ -13,9 +13,7 @@ use common::{
     admin, advisory_locks_of, assert_pool_clean, holders, pool, pool_of_one_with_settings,
     wait_for_waiters,
 };
-use pglock::{
-    Error, LockKey, LockMode, LockOptions, LockSet, LockSetGuard, SessionLock, MAX_SET_KEYS,
-};
+use pglock::{Error, LockKey, LockMode, LockOptions, LockSet, LockSetGuard, SessionLock};
 
 #[test]
 fn try_lock_takes_all_or_none_in_one_statement() {
@@ -179,7 +177,7 @@ fn bad_input_is_an_invalid_argument() {
             "duplicate, apart",
         ),
         (
-            (0..=MAX_SET_KEYS as i64).map(LockKey::new).collect(),
+            (0..=LockSet::MAX_KEYS as i64).map(LockKey::new).collect(),
             LockOptions::new(),
             "too many",
         ),
@@ -207,12 +205,12 @@ fn bad_input_is_an_invalid_argument() {
 fn the_largest_set_locks_and_unlocks() {
     let pool = pool(1);
     let base = unique_key!().classid() as i32;
-    let keys: Vec<LockKey> = (0..MAX_SET_KEYS as i32)
+    let keys: Vec<LockKey> = (0..LockSet::MAX_KEYS as i32)
         .map(|i| LockKey::pair(base, i))
         .collect();
     let mut set = LockSet::new(&pool, keys.clone()).unwrap();
     let guard = set.try_lock().unwrap().expect("free");
-    assert_eq!(holders(&mut admin(), &keys[MAX_SET_KEYS - 1]), 1);
+    assert_eq!(holders(&mut admin(), &keys[LockSet::MAX_KEYS - 1]), 1);
     LockSetGuard::unlock(guard).unwrap();
     drop(set); // a pool of one
     let options = LockOptions::new().lock_timeout(Duration::from_secs(5));

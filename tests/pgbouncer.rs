@@ -364,3 +364,162 @@ fn a_cut_off_tx_lock_holder_behind_pgbouncer_is_freed_by_the_poolers_own_bound()
     drop(granted);
     drop(cut);
 }
+
+/// One attempt at a coordination lock through the pooler: runs `body` while holding it and
+/// says whether it held it; `SessionShared` when it landed on another client's server
+/// session.
+type Attempt = fn(&common::Pool, &str, &mut dyn FnMut()) -> pglock::Result<bool>;
+
+fn semaphore_of_one(
+    pool: &common::Pool,
+    name: &str,
+    body: &mut dyn FnMut(),
+) -> pglock::Result<bool> {
+    let mut semaphore = pglock::AdvisorySemaphore::new(pool, name, 1)?;
+    let Some(permit) = semaphore.try_lock()? else {
+        return Ok(false);
+    };
+    body();
+    settle(pglock::SemaphorePermit::unlock(permit))
+}
+
+fn lock_set(pool: &common::Pool, name: &str, body: &mut dyn FnMut()) -> pglock::Result<bool> {
+    let keys = [LockKey::from_name(name), LockKey::pair(7, 7)];
+    let mut set = pglock::LockSet::new(pool, keys)?;
+    let Some(guard) = set.try_lock()? else {
+        return Ok(false);
+    };
+    body();
+    settle(pglock::LockSetGuard::unlock(guard))
+}
+
+/// An unlock behind the pooler may land on another server session: it must say so (lost
+/// or shared), and the lock was held all the same.
+fn settle(unlocked: pglock::Result<()>) -> pglock::Result<bool> {
+    match unlocked {
+        Ok(()) | Err(Error::LockLost { .. }) | Err(Error::SessionShared { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// The session-lock proof for semaphores and lock sets: one client holds through the
+/// pooler while 8 others try (none is granted; those on its server session are refused
+/// with `SessionShared`), then 8 threads of 25 tries never hold at once.
+fn never_granted_twice(attempt: Attempt, name: &str, stranded: &[LockKey]) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = pool_with(8, pgbouncer_config());
+    let mut shared = 0;
+    let mut others = || {
+        for _ in 0..8 {
+            match attempt(&pool, name, &mut || {
+                panic!("a second client got a held lock")
+            }) {
+                Ok(false) => {}
+                Err(Error::SessionShared { other, .. }) => {
+                    assert!(other.starts_with("pglock:"), "{other}");
+                    shared += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    // A server session may carry a marker left by an earlier holder whose unlock landed
+    // elsewhere: that attempt is refused too, and the next one tries another session.
+    let held = (0..20).any(|_| match attempt(&pool, name, &mut others) {
+        Ok(held) => held,
+        Err(Error::SessionShared { .. }) => false,
+        Err(e) => panic!("{e:?}"),
+    });
+    assert!(held, "no server session without a stale marker");
+    assert!(
+        shared > 0,
+        "no client landed on the holder's server session"
+    );
+    stranded.iter().for_each(end_stranded);
+
+    let inside = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, name) = (pool.clone(), name.to_owned());
+            let (inside, entered, barrier) = (
+                Arc::clone(&inside),
+                Arc::clone(&entered),
+                Arc::clone(&barrier),
+            );
+            thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..25 {
+                    let mut body = || {
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    };
+                    match attempt(&pool, &name, &mut body) {
+                        Ok(_) | Err(Error::SessionShared { .. }) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    stranded.iter().for_each(end_stranded);
+    assert!(entered.load(Ordering::SeqCst) >= 1);
+}
+
+#[test]
+fn a_semaphore_through_a_transaction_pooler_never_grants_one_slot_twice() {
+    let name = format!("pglock-test/{}/{}", function_name!(), std::process::id());
+    let slot = pglock::AdvisorySemaphore::new(&pool_with(1, pgbouncer_config()), &name, 1)
+        .unwrap()
+        .slot_key(0);
+    never_granted_twice(semaphore_of_one, &name, &[slot]);
+}
+
+#[test]
+fn a_lock_set_through_a_transaction_pooler_is_never_granted_twice() {
+    let name = format!("pglock-test/{}/{}", function_name!(), std::process::id());
+    never_granted_twice(
+        lock_set,
+        &name,
+        &[LockKey::from_name(&name), LockKey::pair(7, 7)],
+    );
+}
+
+#[test]
+fn a_transaction_lock_is_refused_where_a_semaphore_or_lock_set_holds_the_server_session() {
+    // A semaphore marks the slot it holds: a TxLock on that slot's key landing there is
+    // refused. A lock set marks its session without a key: every TxLock landing there is.
+    let name = format!("pglock-test/{}/{}", function_name!(), std::process::id());
+    let pool = pool_with(8, pgbouncer_config());
+    let bound = LockOptions::new().lock_timeout(Duration::from_millis(200));
+    for attempt in [semaphore_of_one as Attempt, lock_set] {
+        let mut shared = 0;
+        let key = if std::ptr::fn_addr_eq(attempt, semaphore_of_one as Attempt) {
+            pglock::AdvisorySemaphore::new(&pool, &name, 1)
+                .unwrap()
+                .slot_key(0)
+        } else {
+            LockKey::pair(7, 7)
+        };
+        let mut try_tx = || {
+            for _ in 0..12 {
+                let mut tx = TxLock::with_options(&pool, key.clone(), bound.clone()).unwrap();
+                match tx.try_lock().map(|g| g.is_some()) {
+                    Ok(false) => {}
+                    Ok(true) => panic!("a transaction lock was granted on a held key"),
+                    Err(Error::SessionShared { .. }) => shared += 1,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        };
+        let held = (0..20).any(|_| matches!(attempt(&pool, &name, &mut try_tx), Ok(true)));
+        assert!(held && shared > 0, "held {held}, refused {shared}");
+        end_stranded(&key);
+    }
+}

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{admin, assert_pool_clean, pool, pool_of_one_with_settings, wait_until};
-use pglock::{AdvisorySemaphore, Error, LockMode, LockOptions, SemaphorePermit, MAX_PERMITS};
+use pglock::{AdvisorySemaphore, Error, LockMode, LockOptions, SemaphorePermit};
 use postgres::Client;
 
 /// What a child prints once it holds a permit.
@@ -51,7 +51,7 @@ fn wait_until_waiting(admin: &mut Client, pid: i32) {
             admin
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'idle' \
-                     AND query LIKE 'SELECT CASE WHEN pg_catalog.pg_try_advisory_lock%' \
+                     AND query LIKE 'SELECT CASE WHEN pg_catalog.now()%pg_try_advisory_lock(%' \
                      AND clock_timestamp() - state_change > interval '20 ms'",
                     &[&pid],
                 )
@@ -329,7 +329,11 @@ fn bad_input_is_an_invalid_argument() {
     let name = unique_name!();
     for (permits, options, what) in [
         (0, LockOptions::new(), "zero permits"),
-        (MAX_PERMITS + 1, LockOptions::new(), "too many permits"),
+        (
+            AdvisorySemaphore::MAX_PERMITS + 1,
+            LockOptions::new(),
+            "too many permits",
+        ),
         (2, LockOptions::new().mode(LockMode::Shared), "shared"),
         (
             2,
@@ -346,7 +350,7 @@ fn bad_input_is_an_invalid_argument() {
     }
     let err = AdvisorySemaphore::new(&pool, "a\0b", 2).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
-    let mut sem = AdvisorySemaphore::new(&pool, &name, MAX_PERMITS).unwrap();
+    let mut sem = AdvisorySemaphore::new(&pool, &name, AdvisorySemaphore::MAX_PERMITS).unwrap();
     assert!(
         sem.try_lock().unwrap().is_some(),
         "the largest semaphore works"
@@ -446,4 +450,50 @@ fn every_path_leaves_the_pooled_connection_clean() {
     assert!(sem.try_lock().unwrap().is_some(), "a fresh connection");
     drop(sem);
     assert_pool_clean(&pool, "session terminated while held");
+}
+
+/// As a session lock does: a semaphore or lock set whose connection comes out of the pool
+/// inside a transaction takes nothing (its marker would be undone by that transaction's
+/// rollback while the slots stayed held), rolls it back and says so; the next call locks.
+#[test]
+fn a_semaphore_or_lock_set_refuses_a_connection_that_comes_inside_a_transaction() {
+    let name = format!("pglock-test/{}", function_name!());
+    let pool = pool_of_one_with_settings();
+    let mut admin = admin();
+    for opened in [
+        "BEGIN; CREATE TEMP TABLE pglock_came_open (x int)",
+        "BEGIN; SELECT 1/0",
+    ] {
+        for wait in [false, true] {
+            let pid = common::leave_open(&pool, opened);
+            let mut semaphore = AdvisorySemaphore::new(&pool, &name, 2).unwrap();
+            let refused = if wait {
+                semaphore.try_lock_for(Duration::from_secs(5)).map(|_| ())
+            } else {
+                semaphore.try_lock().map(|_| ())
+            };
+            let what = format!("semaphore: {opened} (wait: {wait})");
+            let slot = semaphore.slot_key(0);
+            common::assert_refused_inside_transaction(&mut admin, &slot, pid, &what, refused);
+            assert_eq!(slots_held(&mut admin, &name, 2), 0, "{what}");
+            let permit = semaphore.try_lock().unwrap().expect("a free slot");
+            SemaphorePermit::unlock(permit).unwrap();
+            drop(semaphore);
+
+            let pid = common::leave_open(&pool, opened);
+            let key = pglock::LockKey::from_name(&name);
+            let mut set =
+                pglock::LockSet::new(&pool, [key.clone(), pglock::LockKey::pair(9, 9)]).unwrap();
+            let refused = if wait {
+                set.try_lock_for(Duration::from_secs(5)).map(|_| ())
+            } else {
+                set.try_lock().map(|_| ())
+            };
+            let what = format!("lock set: {opened} (wait: {wait})");
+            common::assert_refused_inside_transaction(&mut admin, &key, pid, &what, refused);
+            let guard = set.try_lock().unwrap().expect("free keys");
+            pglock::LockSetGuard::unlock(guard).unwrap();
+        }
+    }
+    assert_pool_clean(&pool, "after the refusals");
 }

@@ -13,6 +13,7 @@ use log::warn;
 use postgres::{Client, SimpleQueryMessage};
 use r2d2::{ManageConnection, Pool, PooledConnection};
 
+use super::coord_sql::{reply, Reply};
 use super::sql;
 use crate::cancel::{CancelHandle, CancelState};
 use crate::error::{describe, Failure};
@@ -155,6 +156,46 @@ pub(crate) fn database(key: &LockKey, operation: &'static str, source: postgres:
     }
 }
 
+/// A new lock's marker prefix, `pglock:<pid>:<random>`: what precedes the `@` of every
+/// session marker it sets (see `sql.rs`).
+pub(crate) fn marker_prefix() -> String {
+    format!("pglock:{}:{:x}", std::process::id(), crate::wait::seed())
+}
+
+/// The error of a server session that carries another client's marker: a
+/// transaction-mode pooler sits in between.
+pub(crate) fn shared(key: &LockKey, other: &str) -> Error {
+    warn!(
+        "lock {key}: its server session carries another client's session lock ({other}): \
+         a transaction-mode pooler is in between"
+    );
+    Error::SessionShared {
+        key: key.clone(),
+        other: other.to_owned(),
+    }
+}
+
+/// A lock statement that took nothing: the server session carries another client's
+/// marker, or the connection came inside a transaction (rolled back here).
+pub(crate) fn refused(client: &mut Client, key: &LockKey, prefix: &str, reply: Reply<'_>) -> Error {
+    match reply {
+        Reply::Shared(other) => shared(key, other),
+        _ => {
+            warn!("lock {key}: its connection was inside a transaction before the lock; rolling it back");
+            match simple(client, "ROLLBACK") {
+                Ok(_) => Error::TransactionLeftOpen { key: key.clone() },
+                Err(e) if failure_of(client, &e) == Failure::Closed => {
+                    lost(key, LostReason::SessionEnded, Some(e))
+                }
+                Err(e) => {
+                    end_session(client, key, prefix, "its rollback failed");
+                    database(key, "rollback", e)
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn invalid(key: &LockKey, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
         key: key.clone(),
@@ -172,6 +213,8 @@ pub(crate) fn acquire_error(
     let key = key.clone();
     match failure_of(client, &e) {
         Failure::Canceled if cancel.check().is_err() => Error::Cancelled { key },
+        // Before the statement (see `clean_after`, which rolled it back).
+        Failure::InFailedTransaction => Error::TransactionLeftOpen { key },
         Failure::Deadlock => Error::Deadlock { key, source: e },
         Failure::OutOfSharedMemory => Error::LockTableFull { key, source: e },
         _ => Error::Database {
@@ -186,9 +229,23 @@ pub(crate) fn acquire_error(
 /// after a failed lock statement, unless the session is gone; ends the session if the
 /// cleanup fails. Also after a deadlock or a full lock table: a statement that takes
 /// several keys may have taken some before it failed, and session locks outlive the error.
-pub(crate) fn clean_after(client: &mut Client, key: &LockKey, e: &postgres::Error, cleanup: &str) {
+pub(crate) fn clean_after(
+    client: &mut Client,
+    key: &LockKey,
+    prefix: &str,
+    e: &postgres::Error,
+    cleanup: &str,
+) {
     match failure_of(client, e) {
         Failure::Closed => {}
+        // The connection came inside a failed transaction: nothing ran. End it.
+        Failure::InFailedTransaction => {
+            warn!("lock {key}: its connection was inside a failed transaction; rolling it back");
+            if let Err(e) = simple(client, "ROLLBACK") {
+                let why = format!("cannot roll back a failed transaction: {}", describe(&e));
+                end_session(client, key, prefix, &why);
+            }
+        }
         _ => {
             let result = match simple(client, cleanup) {
                 Err(e) if failure_of(client, &e) == Failure::Canceled => simple(client, cleanup),
@@ -196,20 +253,40 @@ pub(crate) fn clean_after(client: &mut Client, key: &LockKey, e: &postgres::Erro
             };
             if let Err(e) = result {
                 let why = format!("cannot release what a failed lock took: {}", describe(&e));
-                end_session(client, key, &why);
+                end_session(client, key, prefix, &why);
             }
         }
     }
 }
 
-/// Runs a release statement whose row says (every unlock returned true, a transaction was
-/// open). A failed transaction the critical section left open is rolled back and the
-/// release runs again; a healthy one is rolled back after the release (session locks
-/// ignore the rollback), `after_rollback` rides with the `ROLLBACK`, and it is reported as
-/// [`Error::TransactionLeftOpen`]. A release that cannot be confirmed ends the session.
+/// Runs a statement that releases what a lock statement may have taken; ends the session
+/// if it fails.
+pub(crate) fn clean(client: &mut Client, key: &LockKey, prefix: &str, cleanup: &str) -> Result<()> {
+    match simple(client, cleanup) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            end_session(
+                client,
+                key,
+                prefix,
+                "cannot release what a failed lock took",
+            );
+            Err(database(key, "lock cleanup", e))
+        }
+    }
+}
+
+/// Runs a release statement whose row says (every unlock returned true, see
+/// [`reply`](super::coord_sql::reply); a transaction was open). A failed transaction the
+/// critical section left open is rolled back and the release runs again; a healthy one is
+/// rolled back after the release (session locks ignore the rollback), `after_rollback`
+/// rides with the `ROLLBACK`, and it is reported as [`Error::TransactionLeftOpen`]. A
+/// release that lands on another client's server session is [`Error::SessionShared`]. A
+/// release that cannot be confirmed ends the session.
 pub(crate) fn release(
     client: &mut Client,
     key: &LockKey,
+    prefix: &str,
     unlock: &str,
     after_rollback: &str,
 ) -> Result<()> {
@@ -224,7 +301,13 @@ pub(crate) fn release(
         let error = match simple(client, &sql) {
             Ok(rows) => {
                 let row = last(rows);
-                let unlocked = truthy(col(&row, 0));
+                let unlocked = match reply(col(&row, 0)) {
+                    Reply::Done(answer) => truthy(answer),
+                    // Another client's server session: nothing was touched there, and
+                    // ours is out of reach.
+                    Reply::Shared(other) => return Err(shared(key, other)),
+                    Reply::InTransaction => false,
+                };
                 if truthy(col(&row, 1)) {
                     warn!(
                         "lock {key}: the critical section left a transaction open; rolling it back"
@@ -238,7 +321,7 @@ pub(crate) fn release(
                         if failure_of(client, &e) == Failure::Closed {
                             return Err(lost(key, LostReason::SessionEnded, Some(e)));
                         }
-                        end_session(client, key, "its rollback failed");
+                        end_session(client, key, prefix, "its rollback failed");
                         return Err(database(key, "rollback", e));
                     }
                     if unlocked {
@@ -269,7 +352,7 @@ pub(crate) fn release(
                     if failure_of(client, &e) == Failure::Closed {
                         return Err(lost(key, LostReason::SessionEnded, Some(e)));
                     }
-                    end_session(client, key, "its rollback failed");
+                    end_session(client, key, prefix, "its rollback failed");
                     return Err(database(key, "rollback", e));
                 }
             }
@@ -280,7 +363,7 @@ pub(crate) fn release(
             }
             _ => {
                 warn!("lock {key}: unlock failed: {}", describe(&error));
-                end_session(client, key, "its unlock failed");
+                end_session(client, key, prefix, "its unlock failed");
                 return Err(database(key, "unlock", error));
             }
         }
@@ -290,13 +373,13 @@ pub(crate) fn release(
 /// Ends the database session: the server frees every lock it held, and the client reports
 /// closed, so r2d2 discards the connection. Where `pg_terminate_backend` is refused, the
 /// session is made to time out at once.
-pub(crate) fn end_session(client: &mut Client, key: &LockKey, why: &str) {
+pub(crate) fn end_session(client: &mut Client, key: &LockKey, prefix: &str, why: &str) {
     if client.is_closed() {
         return;
     }
     warn!("lock {key}: ending its database session: {why}");
-    // No session marker is ever set by these types: '' matches the empty marker.
-    let refused = match client.simple_query(&sql::terminate("")) {
+    // Not a server session that carries another client's marker (behind a pooler).
+    let refused = match client.simple_query(&sql::terminate(prefix)) {
         Err(e) if failure_of(client, &e) == Failure::Closed => false,
         Err(_) => true,
         Ok(_) => false,

@@ -6,8 +6,64 @@
 //! fixed text are ever put into SQL text (a semaphore's channel name is digits and fixed
 //! text too).
 
-use super::sql::TRANSACTION_WAS_OPEN;
+use super::sql::{
+    literal, marker_is_ours, outside_transaction, IN_TRANSACTION, MARKER, SESSION_MARKER,
+    TRANSACTION_WAS_OPEN,
+};
 use crate::LockKey;
+
+/// What the first column of a coordination statement says. Every statement reads the
+/// session marker (`pglock.session_lock`, see `sql.rs`): a semaphore marks the slot it
+/// holds (`<prefix>@<base>,<slot>`), a lock set its prefix alone (no `@`: a transaction
+/// lock refuses every key on that server session), so that behind a transaction-mode
+/// pooler a second client routed to the same server session is refused instead of being
+/// granted the same keys.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reply<'a> {
+    /// The statement did its work; what it answered (`None` for NULL).
+    Done(Option<&'a str>),
+    /// The server session carries another client's marker: nothing was touched.
+    Shared(&'a str),
+    /// A transaction block was open before the statement: nothing was touched.
+    InTransaction,
+}
+
+/// Reads the first column of a coordination statement.
+pub(crate) fn reply(first: Option<&str>) -> Reply<'_> {
+    match first {
+        Some(IN_TRANSACTION) => Reply::InTransaction,
+        Some(value) => match value.strip_prefix('#') {
+            Some(other) => Reply::Shared(other),
+            None => Reply::Done(Some(value)),
+        },
+        None => Reply::Done(None),
+    }
+}
+
+/// Runs `work` (text) when the session's marker is empty or this lock's, else answers
+/// `#` and the marker found.
+fn if_ours(prefix: &str, work: &str) -> String {
+    format!(
+        "CASE WHEN {} THEN {work} ELSE '#' || {MARKER} END",
+        marker_is_ours(prefix)
+    )
+}
+
+/// Sets the session marker, as an empty text to append to an answer.
+fn set_marker(value: &str) -> String {
+    format!(
+        "pg_catalog.left(pg_catalog.set_config('{SESSION_MARKER}', {}, false), 0)",
+        literal(value)
+    )
+}
+
+/// Clears this lock's marker after a `ROLLBACK` undid the release's clearing.
+pub(crate) fn clear_marker(prefix: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('{SESSION_MARKER}', '', false) WHERE {}",
+        marker_is_ours(prefix)
+    )
+}
 
 /// Lifts `statement_timeout` (and PostgreSQL 17's `transaction_timeout`) for the rest of
 /// a simple-protocol batch's implicit transaction, so neither can cut a wait short.
@@ -47,37 +103,59 @@ pub(crate) fn semaphore_unlisten(base: i32) -> String {
 }
 
 /// One non-blocking try at every slot, starting at `start` and wrapping around, in one
-/// statement: the first slot it took, or -1 when all were busy. `CASE` evaluates its
-/// conditions in order and stops at the first true one, so at most one slot is taken.
-pub(crate) fn semaphore_try(base: i32, permits: u32, start: u32) -> String {
-    let mut sql = String::with_capacity(32 + permits as usize * 64);
-    sql.push_str("SELECT CASE");
+/// statement. First column (see [`reply`]): the slot it took (and marked), or '' when all
+/// were busy. `CASE` evaluates its conditions in order and stops at the first true one, so
+/// at most one slot is taken. Decoded by [`semaphore_slot`].
+pub(crate) fn semaphore_try(base: i32, permits: u32, start: u32, prefix: &str) -> String {
+    let mut work = String::with_capacity(32 + permits as usize * 160);
+    work.push_str("CASE");
     for i in 0..permits {
         let slot = (start % permits + i) % permits;
-        sql.push_str(&format!(
-            " WHEN pg_catalog.pg_try_advisory_lock({base}, {slot}) THEN {slot}"
+        work.push_str(&format!(
+            " WHEN pg_catalog.pg_try_advisory_lock({base}, {slot}) THEN '{slot}' || {}",
+            set_marker(&format!("{prefix}@{base},{slot}"))
         ));
     }
-    sql.push_str(" ELSE -1 END");
-    sql
+    work.push_str(" ELSE '' END");
+    format!("SELECT {}", outside_transaction(&if_ours(prefix, &work)))
 }
 
-/// Releases slot `slot` and notifies the waiters, in one statement. Columns: whether it
-/// unlocked, whether a transaction was open (the critical section left one: the notify
-/// then waits for its end, and the caller must notify again after rolling it back).
-pub(crate) fn semaphore_unlock(base: i32, slot: u32) -> String {
+/// The slot a semaphore try's answer names: `Some(slot)` when it took one, `None` when
+/// all were busy; `Err(())` for an answer the statement does not give.
+pub(crate) fn semaphore_slot(done: Option<&str>, permits: u32) -> Result<Option<u32>, ()> {
+    match done {
+        Some("") => Ok(None),
+        Some(slot) => match slot.parse::<u32>() {
+            Ok(slot) if slot < permits => Ok(Some(slot)),
+            _ => Err(()),
+        },
+        None => Err(()),
+    }
+}
+
+/// Releases slot `slot`, clears the marker and notifies the waiters, in one statement.
+/// Columns: whether it unlocked (see [`reply`]), whether a transaction was open (the
+/// critical section left one: the notify then waits for its end, and the caller must
+/// notify again after rolling it back, with [`semaphore_after_rollback`]).
+pub(crate) fn semaphore_unlock(base: i32, slot: u32, prefix: &str) -> String {
+    let work = format!(
+        "pg_catalog.pg_advisory_unlock({base}, {slot})::text || {}",
+        set_marker("")
+    );
     format!(
-        "SELECT pg_catalog.pg_advisory_unlock({base}, {slot})::text, ({TRANSACTION_WAS_OPEN})::text, \
-         pg_catalog.pg_notify('{}', '')",
+        "SELECT {}, ({TRANSACTION_WAS_OPEN})::text, pg_catalog.pg_notify('{}', '')",
+        if_ours(prefix, &work),
         semaphore_channel(base)
     )
 }
 
-/// The notification alone, after a `ROLLBACK` dropped the unlock's.
-pub(crate) fn semaphore_notify(base: i32) -> String {
+/// The notification and the marker's clearing again, after a `ROLLBACK` dropped the
+/// unlock's.
+pub(crate) fn semaphore_after_rollback(base: i32, prefix: &str) -> String {
     format!(
-        "SELECT pg_catalog.pg_notify('{}', '')",
-        semaphore_channel(base)
+        "SELECT pg_catalog.pg_notify('{}', ''); {}",
+        semaphore_channel(base),
+        clear_marker(prefix)
     )
 }
 
@@ -108,11 +186,15 @@ pub(crate) fn semaphore_release_taken(base: i32, permits: u32) -> String {
 /// `f(j) = CASE WHEN try(k_j) THEN CASE f(j+1) WHEN true THEN true WHEN false THEN
 /// CASE WHEN unlock(k_j) THEN false END END ELSE false END`, with `f(n) = try(k_n)`:
 /// `CASE` evaluates only what it needs, in order, so nothing is tried after a busy key.
-pub(crate) fn set_try(keys: &[LockKey]) -> String {
-    let mut sql = String::from("SELECT ");
-    sql.push_str(&set_try_from(keys));
-    sql.push_str("::text");
-    sql
+///
+/// First column (see [`reply`]): `true` (all taken, and the marker set), `false`, NULL.
+pub(crate) fn set_try(keys: &[LockKey], prefix: &str) -> String {
+    let work = format!(
+        "CASE {} WHEN true THEN 'true' || {} WHEN false THEN 'false' END",
+        set_try_from(keys),
+        set_marker(prefix)
+    );
+    format!("SELECT {}", outside_transaction(&if_ours(prefix, &work)))
 }
 
 fn set_try_from(keys: &[LockKey]) -> String {
@@ -136,8 +218,10 @@ fn set_try_from(keys: &[LockKey]) -> String {
 /// of `ms` since the batch began as its `lock_timeout` (at least 1 ms), so the whole
 /// wait is bounded by `ms`; with `ms == 0` there is no bound. A wait that runs out fails
 /// with 55P03, and keys taken before it stay taken (session locks ignore the rollback):
-/// the caller releases them with [`set_release_taken`].
-pub(crate) fn set_wait(keys: &[LockKey], ms: u32) -> String {
+/// the caller releases them with [`set_release_taken`]. The marker is set first (rolled
+/// back with the batch if a wait fails). First column of the last row (see [`reply`]): the
+/// marker, the timeouts and `locked` when all were taken ([`set_waited`]).
+pub(crate) fn set_wait(keys: &[LockKey], ms: u32, prefix: &str) -> String {
     let timeout = if ms == 0 {
         "'0'".to_owned()
     } else {
@@ -146,31 +230,49 @@ pub(crate) fn set_wait(keys: &[LockKey], ms: u32) -> String {
              - pg_catalog.statement_timestamp()) * 1000)::bigint)::text"
         )
     };
-    // The target list runs left to right: each lock_timeout is set just before its wait.
+    // `||` runs left to right: each lock_timeout is set just before its wait.
     let waits: Vec<String> = keys
         .iter()
         .map(|k| {
             format!(
-                "pg_catalog.set_config('lock_timeout', {timeout}, true), \
+                "pg_catalog.set_config('lock_timeout', {timeout}, true) || \
                  pg_catalog.pg_advisory_lock({})::text",
                 k.sql_args()
             )
         })
         .collect();
-    format!("{LIFT}SELECT {}, 'locked'", waits.join(", "))
+    let work = format!(
+        "pg_catalog.set_config('{SESSION_MARKER}', {}, false) || {} || 'locked'",
+        literal(prefix),
+        waits.join(" || ")
+    );
+    format!(
+        "{LIFT}SELECT {}",
+        outside_transaction(&if_ours(prefix, &work))
+    )
 }
 
-/// Releases all of `keys`. Columns: whether every unlock returned true, whether a
-/// transaction was open (the critical section left one), and each unlock's result.
-pub(crate) fn set_unlock(keys: &[LockKey]) -> String {
+/// Whether a set wait's answer says every key was taken.
+pub(crate) fn set_waited(done: Option<&str>) -> bool {
+    done.is_some_and(|d| d.ends_with("locked"))
+}
+
+/// Releases all of `keys` and clears the marker. Columns: whether every unlock returned
+/// true (see [`reply`]), whether a transaction was open (the critical section left one).
+pub(crate) fn set_unlock(keys: &[LockKey], prefix: &str) -> String {
     let unlocks: Vec<String> = keys
         .iter()
         .map(|k| format!("pg_catalog.pg_advisory_unlock({})", k.sql_args()))
         .collect();
     // An array constructor evaluates every element once, in order: every unlock runs.
+    let work = format!(
+        "(pg_catalog.array_position(ARRAY[{}], false) IS NULL)::text || {}",
+        unlocks.join(", "),
+        set_marker("")
+    );
     format!(
-        "SELECT (pg_catalog.array_position(ARRAY[{}], false) IS NULL)::text, ({TRANSACTION_WAS_OPEN})::text",
-        unlocks.join(", ")
+        "SELECT {}, ({TRANSACTION_WAS_OPEN})::text",
+        if_ours(prefix, &work)
     )
 }
 
@@ -239,25 +341,65 @@ mod tests {
         assert_eq!(semaphore_listen(-5), "LISTEN \"pglock_semaphore_-5\"");
     }
 
+    const P: &str = "pglock:1:ab";
+
     #[test]
-    fn a_semaphore_try_rotates_and_stops_at_the_first_slot() {
-        assert_eq!(
-            semaphore_try(7, 3, 1),
-            "SELECT CASE WHEN pg_catalog.pg_try_advisory_lock(7, 1) THEN 1 \
-             WHEN pg_catalog.pg_try_advisory_lock(7, 2) THEN 2 \
-             WHEN pg_catalog.pg_try_advisory_lock(7, 0) THEN 0 ELSE -1 END"
+    fn a_semaphore_try_rotates_stops_at_the_first_slot_and_marks_it() {
+        let sql = semaphore_try(7, 3, 1, P);
+        let (one, two, zero) = (
+            sql.find("pg_try_advisory_lock(7, 1) THEN '1'").unwrap(),
+            sql.find("pg_try_advisory_lock(7, 2) THEN '2'").unwrap(),
+            sql.find("pg_try_advisory_lock(7, 0) THEN '0'").unwrap(),
         );
+        assert!(one < two && two < zero, "{sql}");
+        assert!(sql.contains("'pglock:1:ab@7,1'"), "{sql}");
+        assert!(sql.contains("split_part(COALESCE("), "{sql}");
+        assert!(sql.contains("ELSE '' END"), "{sql}");
+        assert!(
+            sql.starts_with("SELECT CASE WHEN pg_catalog.now() OPERATOR"),
+            "{sql}"
+        );
+        assert!(!sql.contains(';'), "one statement: {sql}");
+        let one_slot = semaphore_try(-1, 1, 5, P);
         assert_eq!(
-            semaphore_try(-1, 1, 5),
-            "SELECT CASE WHEN pg_catalog.pg_try_advisory_lock(-1, 0) THEN 0 ELSE -1 END"
+            one_slot.matches("pg_try_advisory_lock").count(),
+            1,
+            "{one_slot}"
+        );
+        assert!(
+            one_slot.contains("pg_try_advisory_lock(-1, 0) THEN '0'"),
+            "{one_slot}"
         );
     }
 
     #[test]
-    fn a_semaphore_release_notifies() {
-        let sql = semaphore_unlock(-9, 2);
+    fn every_reply_shape_of_a_coordination_statement_is_read() {
+        assert_eq!(reply(Some("!")), Reply::InTransaction);
+        assert_eq!(
+            reply(Some("#pglock:2:cd@1")),
+            Reply::Shared("pglock:2:cd@1")
+        );
+        assert_eq!(reply(Some("#")), Reply::Shared(""));
+        assert_eq!(reply(Some("true")), Reply::Done(Some("true")));
+        assert_eq!(reply(Some("")), Reply::Done(Some("")));
+        assert_eq!(reply(None), Reply::Done(None));
+        // A semaphore try: a slot, busy, or an answer it never gives.
+        assert_eq!(semaphore_slot(Some("2"), 3), Ok(Some(2)));
+        assert_eq!(semaphore_slot(Some(""), 3), Ok(None));
+        assert_eq!(semaphore_slot(Some("3"), 3), Err(()));
+        assert_eq!(semaphore_slot(Some("-1"), 3), Err(()));
+        assert_eq!(semaphore_slot(None, 3), Err(()));
+        // A set wait.
+        assert!(set_waited(Some("pglock:1:ab500500locked")));
+        assert!(!set_waited(Some("pglock:1:ab")));
+        assert!(!set_waited(None));
+    }
+
+    #[test]
+    fn a_semaphore_release_clears_its_marker_and_notifies() {
+        let sql = semaphore_unlock(-9, 2, P);
         assert!(
-            sql.starts_with("SELECT pg_catalog.pg_advisory_unlock(-9, 2)::text, "),
+            sql.contains("THEN pg_catalog.pg_advisory_unlock(-9, 2)::text || pg_catalog.left(pg_catalog.set_config('pglock.session_lock', '', false), 0) ELSE '#' ||"),
             "{sql}"
         );
         assert!(
@@ -265,6 +407,15 @@ mod tests {
             "{sql}"
         );
         assert!(!sql.contains(';'), "one statement: {sql}");
+        let again = semaphore_after_rollback(-9, P);
+        assert!(
+            again.contains("pg_notify('pglock_semaphore_-9', '')"),
+            "{again}"
+        );
+        assert!(
+            again.contains("set_config('pglock.session_lock', '', false) WHERE"),
+            "{again}"
+        );
         let taken = semaphore_release_taken(-1, 4);
         assert!(
             taken.contains("classid = 4294967295 AND objsubid = 2 AND objid < 4"),
@@ -275,25 +426,31 @@ mod tests {
     #[test]
     fn a_set_try_releases_what_it_took_when_a_key_is_busy() {
         let keys = [LockKey::new(1), LockKey::pair(2, 3)];
-        assert_eq!(
-            set_try(&keys),
-            "SELECT (CASE WHEN pg_catalog.pg_try_advisory_lock(1) THEN CASE \
-             pg_catalog.pg_try_advisory_lock(2, 3) WHEN true THEN true WHEN false THEN \
-             CASE WHEN pg_catalog.pg_advisory_unlock(1) THEN false END END ELSE false END)::text"
+        let sql = set_try(&keys, P);
+        assert!(
+            sql.contains(
+                "CASE (CASE WHEN pg_catalog.pg_try_advisory_lock(1) THEN CASE \
+                 pg_catalog.pg_try_advisory_lock(2, 3) WHEN true THEN true WHEN false THEN \
+                 CASE WHEN pg_catalog.pg_advisory_unlock(1) THEN false END END ELSE false END) \
+                 WHEN true THEN 'true' || pg_catalog.left(pg_catalog.set_config('pglock.session_lock', 'pglock:1:ab', false), 0) \
+                 WHEN false THEN 'false' END"
+            ),
+            "{sql}"
         );
-        assert_eq!(
-            set_try(&keys[..1]),
-            "SELECT pg_catalog.pg_try_advisory_lock(1)::text"
+        let one = set_try(&keys[..1], P);
+        assert!(
+            one.contains("CASE pg_catalog.pg_try_advisory_lock(1) WHEN true"),
+            "{one}"
         );
         // Linear in the number of keys.
         let many: Vec<LockKey> = (0..100).map(LockKey::new).collect();
-        assert!(set_try(&many).len() < 100 * 250);
+        assert!(set_try(&many, P).len() < 100 * 250 + 1000);
     }
 
     #[test]
     fn a_set_wait_bounds_each_wait_by_the_time_left() {
         let keys = [LockKey::new(-1), LockKey::new(5)];
-        let sql = set_wait(&keys, 250);
+        let sql = set_wait(&keys, 250, P);
         assert!(
             sql.starts_with("SET LOCAL statement_timeout = 0; "),
             "{sql}"
@@ -304,7 +461,14 @@ mod tests {
             sql.find("pg_advisory_lock(-1)") < sql.find("pg_advisory_lock(5)"),
             "{sql}"
         );
-        let unbounded = set_wait(&keys, 0);
+        assert!(
+            sql.contains(
+                "THEN pg_catalog.set_config('pglock.session_lock', 'pglock:1:ab', false) || "
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with("|| 'locked' ELSE '#' || COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '') END END"), "{sql}");
+        let unbounded = set_wait(&keys, 0, P);
         assert!(
             unbounded.contains("set_config('lock_timeout', '0', true)"),
             "{unbounded}"
@@ -314,7 +478,7 @@ mod tests {
     #[test]
     fn a_set_unlock_runs_every_unlock_once() {
         let keys = [LockKey::new(1), LockKey::pair(2, 3)];
-        let sql = set_unlock(&keys);
+        let sql = set_unlock(&keys, P);
         assert_eq!(sql.matches("pg_advisory_unlock(1)").count(), 1, "{sql}");
         assert_eq!(sql.matches("pg_advisory_unlock(2, 3)").count(), 1, "{sql}");
         let taken = set_release_taken(&keys);

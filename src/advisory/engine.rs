@@ -1028,12 +1028,7 @@ impl Spec {
         options.validate(&key)?;
         Ok(Spec {
             // Ends with the key: see the session marker in sql.rs.
-            token: format!(
-                "pglock:{}:{:x}@{}",
-                std::process::id(),
-                wait::seed(),
-                sql::tx_marker(&key)
-            ),
+            token: format!("{}@{}", super::coord::marker_prefix(), sql::tx_marker(&key)),
             key,
             options,
         })

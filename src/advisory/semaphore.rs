@@ -16,9 +16,8 @@ use crate::error::Failure;
 use crate::wait::{self, Limit, Outcome};
 use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};
 
-/// The most slots a semaphore may have: each slot is a lock in the server's shared lock
-/// table, and a try names every slot in one statement.
-pub const MAX_PERMITS: u32 = 1024;
+/// The most slots a semaphore may have: see [`AdvisorySemaphore::MAX_PERMITS`].
+const MAX_PERMITS: u32 = 1024;
 
 /// How often a waiter tries every slot again when no release notified it: the bound on
 /// how long a slot freed without a notification (its holder's session died) stays unseen.
@@ -76,9 +75,12 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 ///   discarded.
 /// - [`WaitMode::Poll`] polls with jittered backoff instead and never listens.
 /// - A notification needs a session that receives it: through a transaction-mode pooler
-///   neither session locks nor `LISTEN` work. Connect directly: the semaphore sets no
-///   session marker, so unlike [`SessionLock`](crate::SessionLock) it cannot detect such a
-///   pooler, behind which two clients on one server session can both hold a slot.
+///   neither session locks nor `LISTEN` work. Connect directly or in session mode. Like
+///   [`SessionLock`](crate::SessionLock), the semaphore marks the server session its slot
+///   is held on, so a pooler that routes another client there is detected: that client's
+///   call fails with [`Error::SessionShared`] and takes nothing (as does a
+///   [`TxLock`](crate::TxLock) on the slot's key there), and two clients never both hold
+///   one slot.
 ///
 /// [`LockOptions::lock_timeout`] bounds [`lock`](AdvisorySemaphore::lock); it is measured
 /// by the client here (there is no single server wait to bound). [`LockMode::Shared`] is
@@ -133,6 +135,15 @@ struct State {
     /// The connection listens on the semaphore's channel.
     listening: bool,
     rng: u64,
+    /// What precedes the `@` of this semaphore's session markers.
+    prefix: String,
+}
+
+impl AdvisorySemaphore {
+    /// The most slots a semaphore may have (1024): each slot is a lock in the server's
+    /// shared lock table, and a try names every slot in one statement. (The same for every
+    /// connection manager `M`.)
+    pub const MAX_PERMITS: u32 = MAX_PERMITS;
 }
 
 impl<M> AdvisorySemaphore<M>
@@ -144,7 +155,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if `permits` is 0 or above [`MAX_PERMITS`], or `name`
+    /// [`Error::InvalidArgument`] if `permits` is 0 or above [`AdvisorySemaphore::MAX_PERMITS`], or `name`
     /// has a NUL character (checked before the checkout); [`Error::Pool`] if no
     /// connection could be checked out.
     ///
@@ -404,6 +415,7 @@ impl State {
             held: None,
             listening: false,
             rng: wait::seed(),
+            prefix: coord::marker_prefix(),
         })
     }
 
@@ -473,21 +485,25 @@ impl State {
     /// One non-blocking try at every slot: the slot taken, if any.
     fn try_once(&mut self, conn: &mut Client) -> Result<Option<u32>> {
         let start = (wait::next_random(&mut self.rng) % u64::from(self.permits)) as u32;
-        match coord::simple(conn, &sql::semaphore_try(self.base, self.permits, start)) {
-            Ok(rows) => {
-                let row = coord::last(rows);
-                match coord::col(&row, 0).and_then(|s| s.parse::<i64>().ok()) {
-                    Some(slot) if (0..i64::from(self.permits)).contains(&slot) => {
-                        Ok(Some(slot as u32))
-                    }
-                    _ => Ok(None),
-                }
-            }
+        let cleanup = sql::semaphore_release_taken(self.base, self.permits);
+        let statement = sql::semaphore_try(self.base, self.permits, start, &self.prefix);
+        let row = match coord::simple(conn, &statement) {
+            Ok(rows) => coord::last(rows),
             Err(e) => {
-                let cleanup = sql::semaphore_release_taken(self.base, self.permits);
-                coord::clean_after(conn, &self.key, &e, &cleanup);
-                Err(coord::acquire_error(conn, &self.key, &self.cancel, e))
+                coord::clean_after(conn, &self.key, &self.prefix, &e, &cleanup);
+                return Err(coord::acquire_error(conn, &self.key, &self.cancel, e));
             }
+        };
+        match sql::reply(coord::col(&row, 0)) {
+            sql::Reply::Done(answer) => match sql::semaphore_slot(answer, self.permits) {
+                Ok(slot) => Ok(slot),
+                Err(()) => {
+                    // Not an answer the statement gives: release whatever it took.
+                    coord::clean(conn, &self.key, &self.prefix, &cleanup)?;
+                    Ok(None)
+                }
+            },
+            refusal => Err(coord::refused(conn, &self.key, &self.prefix, refusal)),
         }
     }
 
@@ -550,8 +566,9 @@ impl State {
         let result = coord::release(
             conn,
             &key,
-            &sql::semaphore_unlock(self.base, slot),
-            &sql::semaphore_notify(self.base),
+            &self.prefix,
+            &sql::semaphore_unlock(self.base, slot, &self.prefix),
+            &sql::semaphore_after_rollback(self.base, &self.prefix),
         );
         if let Err(Error::LockLost { .. }) = &result {
             if conn.is_closed() {
@@ -587,7 +604,12 @@ where
             // The connection goes back to the pool: it must not listen any more.
             if let Err(e) = conn.batch_execute(&sql::semaphore_unlisten(self.state.base)) {
                 if coord::failure_of(conn, &e) != Failure::Closed {
-                    coord::end_session(conn, &self.state.key, "UNLISTEN failed");
+                    coord::end_session(
+                        conn,
+                        &self.state.key,
+                        &self.state.prefix,
+                        "UNLISTEN failed",
+                    );
                 }
             }
         }

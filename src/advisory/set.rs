@@ -19,7 +19,7 @@ use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMod
 
 /// The most keys a set may have: its try is one statement nested as deep as the set is
 /// long.
-pub const MAX_SET_KEYS: usize = 256;
+const MAX_KEYS: usize = 256;
 
 /// Several exclusive session advisory locks on one connection, taken all or nothing.
 ///
@@ -46,8 +46,10 @@ pub const MAX_SET_KEYS: usize = 256;
 /// ends (a crashed holder frees every key). For transaction scope take several
 /// [`TxLock`](crate::TxLock)s' keys yourself in a fixed order inside one transaction; a
 /// transaction-scoped set is not offered. Like [`SessionLock`](crate::SessionLock), a set
-/// does not work through a transaction-mode pooler; and it sets no session marker, so it
-/// cannot detect one: connect directly.
+/// does not work through a transaction-mode pooler, and detects one the same way: it marks
+/// the server session it holds its keys on, and a call of another client that lands there
+/// fails with [`Error::SessionShared`] and takes nothing (as does a
+/// [`TxLock`](crate::TxLock) of any key there). Connect directly or in session mode.
 ///
 /// Errors name the set by its first key in canonical order, labelled
 /// `lock set of N keys`.
@@ -86,6 +88,14 @@ struct State {
     cancel: Cancel,
     /// A guard is out (or was leaked).
     held: bool,
+    /// This set's session marker.
+    prefix: String,
+}
+
+impl LockSet {
+    /// The most keys a set may have (256): its try is one statement nested as deep as the
+    /// set is long. (The same for every connection manager `M`.)
+    pub const MAX_KEYS: usize = MAX_KEYS;
 }
 
 impl<M> LockSet<M>
@@ -99,7 +109,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if the set is empty, has more than [`MAX_SET_KEYS`]
+    /// [`Error::InvalidArgument`] if the set is empty, has more than [`LockSet::MAX_KEYS`]
     /// keys, has a key twice, or has a name with a NUL character (checked before the
     /// checkout); [`Error::Pool`] if no connection could be checked out.
     ///
@@ -329,10 +339,10 @@ impl State {
         for key in &keys {
             options.validate(key)?;
         }
-        if keys.len() > MAX_SET_KEYS {
+        if keys.len() > MAX_KEYS {
             return Err(coord::invalid(
                 &first.labelled(&label),
-                format!("{} keys exceed the limit of {MAX_SET_KEYS}", keys.len()),
+                format!("{} keys exceed the limit of {MAX_KEYS}", keys.len()),
             ));
         }
         if options.mode == LockMode::Shared {
@@ -355,6 +365,7 @@ impl State {
             options,
             cancel: Cancel::default(),
             held: false,
+            prefix: coord::marker_prefix(),
         })
     }
 
@@ -407,22 +418,21 @@ impl State {
 
     /// One all-or-nothing try: whether it took every key.
     fn try_once(&mut self, conn: &mut Client) -> Result<bool> {
-        match coord::simple(conn, &sql::set_try(&self.keys)) {
-            Ok(rows) => match coord::col(&coord::last(rows), 0) {
-                Some("t" | "true") => Ok(true),
-                Some("f" | "false") => Ok(false),
-                _ => {
-                    // An unlock of the try's own returned false: something unlocked
-                    // behind its back. Release whatever is left.
-                    let cleanup = sql::set_release_taken(&self.keys);
-                    if let Err(e) = coord::simple(conn, &cleanup) {
-                        coord::end_session(conn, &self.key, "cannot release a failed try");
-                        return Err(coord::database(&self.key, "lock cleanup", e));
-                    }
-                    Ok(false)
-                }
-            },
-            Err(e) => Err(self.failed(conn, e)),
+        let row = match coord::simple(conn, &sql::set_try(&self.keys, &self.prefix)) {
+            Ok(rows) => coord::last(rows),
+            Err(e) => return Err(self.failed(conn, e)),
+        };
+        match sql::reply(coord::col(&row, 0)) {
+            sql::Reply::Done(Some("true")) => Ok(true),
+            sql::Reply::Done(Some("false")) => Ok(false),
+            sql::Reply::Done(_) => {
+                // An unlock of the try's own returned false: something unlocked behind
+                // its back. Release whatever is left.
+                let cleanup = sql::set_release_taken(&self.keys);
+                coord::clean(conn, &self.key, &self.prefix, &cleanup)?;
+                Ok(false)
+            }
+            refusal => Err(coord::refused(conn, &self.key, &self.prefix, refusal)),
         }
     }
 
@@ -440,7 +450,7 @@ impl State {
         if let Some(cancel) = self.cancel.state() {
             cancel.begin_server_wait()?;
         }
-        let result = coord::simple(conn, &sql::set_wait(&self.keys, ms));
+        let result = coord::simple(conn, &sql::set_wait(&self.keys, ms, &self.prefix));
         let end = self
             .cancel
             .state()
@@ -451,6 +461,7 @@ impl State {
             coord::end_session(
                 conn,
                 &self.key,
+                &self.prefix,
                 "a cancel request was sent to it during the wait",
             );
             return Err(Error::Cancelled {
@@ -458,26 +469,18 @@ impl State {
             });
         }
         match result {
-            Ok(rows)
-                if rows
-                    .last()
-                    .and_then(|r| r.get(2 * self.keys.len()))
-                    .and_then(|c| c.as_deref())
-                    == Some("locked") =>
-            {
-                Ok(Outcome::Locked)
-            }
-            Ok(_) => {
-                // Not the reply the statement gives: release whatever it took.
-                let cleanup = sql::set_release_taken(&self.keys);
-                if let Err(e) = coord::simple(conn, &cleanup) {
-                    coord::end_session(conn, &self.key, "cannot release a failed wait");
-                    return Err(coord::database(&self.key, "lock cleanup", e));
+            Ok(rows) => match sql::reply(coord::col(&coord::last(rows), 0)) {
+                sql::Reply::Done(answer) if sql::set_waited(answer) => Ok(Outcome::Locked),
+                sql::Reply::Done(_) => {
+                    // Not the reply the statement gives: release whatever it took.
+                    let cleanup = sql::set_release_taken(&self.keys);
+                    coord::clean(conn, &self.key, &self.prefix, &cleanup)?;
+                    Ok(Outcome::Busy {
+                        waited: start.elapsed(),
+                    })
                 }
-                Ok(Outcome::Busy {
-                    waited: start.elapsed(),
-                })
-            }
+                refusal => Err(coord::refused(conn, &self.key, &self.prefix, refusal)),
+            },
             Err(e) => {
                 let timed_out = coord::failure_of(conn, &e) == Failure::LockTimeout;
                 let error = self.failed(conn, e);
@@ -499,7 +502,8 @@ impl State {
     /// Cleans up after a failed lock statement (keys taken before the failure stay taken:
     /// session locks ignore the rollback) and turns its error into ours.
     fn failed(&mut self, conn: &mut Client, e: postgres::Error) -> Error {
-        coord::clean_after(conn, &self.key, &e, &sql::set_release_taken(&self.keys));
+        let cleanup = sql::set_release_taken(&self.keys);
+        coord::clean_after(conn, &self.key, &self.prefix, &e, &cleanup);
         coord::acquire_error(conn, &self.key, &self.cancel, e)
     }
 
@@ -508,7 +512,9 @@ impl State {
             return Ok(());
         }
         self.held = false;
-        let result = coord::release(conn, &self.key, &sql::set_unlock(&self.keys), "");
+        let unlock = sql::set_unlock(&self.keys, &self.prefix);
+        let after_rollback = sql::clear_marker(&self.prefix);
+        let result = coord::release(conn, &self.key, &self.prefix, &unlock, &after_rollback);
         if result.is_ok() {
             debug!("unlocked {}", self.key);
         }

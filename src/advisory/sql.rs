@@ -37,7 +37,8 @@ pub(crate) const TX_MARKER: &str = "pglock.tx_lock";
 pub(crate) const TX_LOST: &str = "pglock: the lock's transaction ended inside the critical section";
 
 /// The current marker of the server session, '' when none.
-const MARKER: &str = "COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '')";
+pub(crate) const MARKER: &str =
+    "COALESCE(pg_catalog.current_setting('pglock.session_lock', true), '')";
 
 /// The session settings a lock's statements depend on: `statement_timeout` and
 /// `transaction_timeout` (NULL before PostgreSQL 17), which can cut a wait short, and
@@ -124,7 +125,7 @@ pub(crate) const TRANSACTION_WAS_OPEN: &str =
 
 /// Runs `outcome` unless a transaction block was already open, and then returns
 /// [`IN_TRANSACTION`].
-fn outside_transaction(outcome: &str) -> String {
+pub(crate) fn outside_transaction(outcome: &str) -> String {
     format!("CASE WHEN {TRANSACTION_WAS_OPEN} THEN '{IN_TRANSACTION}' ELSE {outcome} END")
 }
 
@@ -417,11 +418,28 @@ pub(crate) fn tx_commit(key: &LockKey) -> String {
 /// Ends the current transaction, then this backend, unless the session carries another
 /// client's session marker (behind a pooler it is not ours to end). The `ROLLBACK` lets it
 /// run inside an aborted transaction, where any other statement fails with 25P02.
+///
+/// A marker is this lock's when what precedes its `@` is `token`'s: a semaphore marks the
+/// slot it holds, a session lock its key, after the same per-lock prefix.
 pub(crate) fn terminate(token: &str) -> String {
     format!(
         "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid()) \
-         WHERE {MARKER} IN ('', {})",
-        literal(token)
+         WHERE {}",
+        marker_is_ours(token_prefix(token))
+    )
+}
+
+/// What precedes a token's `@`: the same for every marker one lock sets.
+pub(crate) fn token_prefix(token: &str) -> &str {
+    token.split('@').next().unwrap_or(token)
+}
+
+/// Whether the session's marker is empty or one this lock set: what precedes its `@` is
+/// `prefix` (letters, digits and `:`).
+pub(crate) fn marker_is_ours(prefix: &str) -> String {
+    format!(
+        "pg_catalog.split_part({MARKER}, '@', 1) IN ('', {})",
+        literal(prefix)
     )
 }
 
