@@ -305,7 +305,7 @@ impl Error {
 
 /// What a failed statement means for a lock, by SQLSTATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
+pub enum Failure {
     /// `55P03`: `lock_timeout` fired.
     LockTimeout,
     /// `57014`: a cancel request or `statement_timeout`.

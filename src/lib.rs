@@ -243,9 +243,10 @@ mod options;
 mod wait;
 
 pub use crate::advisory::{
-    AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, LockSet, LockSetGuard, OwnedAdvisoryGuard,
-    OwnedSessionGuard, OwnedTxGuard, Scope, SemaphorePermit, Session, SessionGuard, SessionLock,
-    Transaction, TxGuard, TxLock, TxSavepoint,
+    AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, KeySet, LockSet, LockSetGuard,
+    OwnedAdvisoryGuard, OwnedLockSetGuard, OwnedSemaphorePermit, OwnedSessionGuard, OwnedTxGuard,
+    RawAdvisory, SemaphorePermit, Session, SessionGuard, SessionLock, Slots, Transaction, TxGuard,
+    TxLock, TxSavepoint,
 };
 pub use crate::cancel::CancelHandle;
 pub use crate::error::{Error, LostReason, Result};

@@ -9,7 +9,7 @@ use crate::{LockKey, Result};
 
 /// How long an acquisition may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Limit {
+pub enum Limit {
     /// One non-blocking try.
     Try,
     /// Wait at most this long (never zero: zero is `Try`).
@@ -47,7 +47,7 @@ impl Limit {
 
 /// The result of an acquisition that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     /// Locked.
     Locked,
     /// Still held elsewhere when the limit passed, after waiting this long.

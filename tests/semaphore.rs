@@ -131,9 +131,14 @@ fn slots_are_pair_keys_reproducible_from_sql() {
     assert_eq!(sem.slot_key(1).as_pair(), Some((base, 1)));
     let permit = sem.try_lock().unwrap().expect("free");
     let slot = SemaphorePermit::slot(&permit);
-    let key = SemaphorePermit::key(&permit);
+    let key = SemaphorePermit::slot_key(&permit);
     assert_eq!(key.as_pair(), Some((base, slot as i32)));
     assert_eq!(common::holders(&mut admin(), &key), 1);
+    assert_eq!(
+        SemaphorePermit::key(&permit).as_pair(),
+        Some((base, 0)),
+        "slot 0 names it"
+    );
     // A psql session takes the other slot by hand; the semaphore is then full.
     let mut psql = admin();
     let other = 1 - slot as i32;

@@ -65,12 +65,6 @@ pub(crate) fn clear_marker(prefix: &str) -> String {
     )
 }
 
-/// Lifts `statement_timeout` (and PostgreSQL 17's `transaction_timeout`) for the rest of
-/// a simple-protocol batch's implicit transaction, so neither can cut a wait short.
-const LIFT: &str = "SET LOCAL statement_timeout = 0; \
-     SELECT CASE WHEN pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL \
-     THEN pg_catalog.set_config('transaction_timeout', '0', true) END; ";
-
 // ---------------------------------------------------------------------------------------
 // Semaphores
 // ---------------------------------------------------------------------------------------
@@ -214,7 +208,7 @@ fn set_try_from(keys: &[LockKey]) -> String {
 }
 
 /// A blocking wait for all of `keys` (in canonical order), one after the other, in one
-/// batch that lifts the session's timeouts. With `ms > 0` every wait gets the time left
+/// statement, to send in a batch that lifts the session's timeouts (`sql::guarded`). With `ms > 0` every wait gets the time left
 /// of `ms` since the batch began as its `lock_timeout` (at least 1 ms), so the whole
 /// wait is bounded by `ms`; with `ms == 0` there is no bound. A wait that runs out fails
 /// with 55P03, and keys taken before it stay taken (session locks ignore the rollback):
@@ -246,10 +240,7 @@ pub(crate) fn set_wait(keys: &[LockKey], ms: u32, prefix: &str) -> String {
         literal(prefix),
         waits.join(" || ")
     );
-    format!(
-        "{LIFT}SELECT {}",
-        outside_transaction(&if_ours(prefix, &work))
-    )
+    format!("SELECT {}", outside_transaction(&if_ours(prefix, &work)))
 }
 
 /// Whether a set wait's answer says every key was taken.
@@ -452,8 +443,12 @@ mod tests {
         let keys = [LockKey::new(-1), LockKey::new(5)];
         let sql = set_wait(&keys, 250, P);
         assert!(
-            sql.starts_with("SET LOCAL statement_timeout = 0; "),
+            sql.starts_with("SELECT CASE WHEN pg_catalog.now()"),
             "{sql}"
+        );
+        assert!(
+            !sql.contains(';'),
+            "one statement, for a lifting batch: {sql}"
         );
         assert_eq!(sql.matches("set_config('lock_timeout'").count(), 2, "{sql}");
         assert!(sql.contains("GREATEST(1, 250 - "), "{sql}");

@@ -13,7 +13,8 @@ use r2d2::{ManageConnection, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::engine::Core;
-use super::scope::{Scope, Session, Transaction};
+use super::raw::sealed::Unlocks;
+use super::{RawAdvisory, Transaction};
 use crate::{LockKey, Result};
 
 /// Holds an advisory lock; releases it when dropped: [`SessionGuard`](crate::SessionGuard)
@@ -38,7 +39,7 @@ use crate::{LockKey, Result};
 /// [`Error::TransactionLeftOpen`](crate::Error::TransactionLeftOpen), since its work is
 /// lost.
 #[must_use = "if unused the lock is released immediately"]
-pub struct AdvisoryGuard<'a, S: Scope, M = PostgresConnectionManager<NoTls>>
+pub struct AdvisoryGuard<'a, S: RawAdvisory, M = PostgresConnectionManager<NoTls>>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -50,7 +51,7 @@ where
     used: bool,
 }
 
-impl<'a, S: Scope, M> AdvisoryGuard<'a, S, M>
+impl<'a, S: RawAdvisory, M> AdvisoryGuard<'a, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -98,9 +99,14 @@ where
         this.core.is_held(this.conn)
     }
 
-    /// The lock's key.
+    /// The lock's key (a semaphore's: slot 0's, labelled with its name; a lock set's: its
+    /// first key, labelled as the set).
     pub fn key(this: &Self) -> &LockKey {
         this.core.key()
+    }
+
+    pub(super) fn core(&self) -> &Core<S> {
+        self.core
     }
 
     /// Ends the guard: unlocks, commits (`success`) or rolls back.
@@ -119,11 +125,12 @@ where
     }
 }
 
-impl<M> AdvisoryGuard<'_, Session, M>
+impl<S: Unlocks + RawAdvisory, M> AdvisoryGuard<'_, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
-    /// Unlocks. The same as dropping the guard, but reports the error.
+    /// Unlocks (a semaphore's permit: releases its slot and wakes the waiters; a lock
+    /// set's guard: every key). The same as dropping the guard, but reports the error.
     ///
     /// One round trip.
     ///
@@ -246,7 +253,7 @@ where
     }
 }
 
-impl<S: Scope, M> Deref for AdvisoryGuard<'_, S, M>
+impl<S: RawAdvisory, M> Deref for AdvisoryGuard<'_, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -257,7 +264,7 @@ where
     }
 }
 
-impl<S: Scope, M> DerefMut for AdvisoryGuard<'_, S, M>
+impl<S: RawAdvisory, M> DerefMut for AdvisoryGuard<'_, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -269,7 +276,7 @@ where
     }
 }
 
-impl<S: Scope, M> Drop for AdvisoryGuard<'_, S, M>
+impl<S: RawAdvisory, M> Drop for AdvisoryGuard<'_, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -280,12 +287,13 @@ where
     }
 }
 
-impl<S: Scope, M> fmt::Debug for AdvisoryGuard<'_, S, M>
+impl<S: RawAdvisory, M> fmt::Debug for AdvisoryGuard<'_, S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdvisoryGuard")
+            .field("kind", &S::KIND)
             .field("key", self.core.key())
             .field("mode", &self.core.mode())
             .field("held_for", &self.locked_at.elapsed())
@@ -299,7 +307,7 @@ where
 /// [`try_lock_owned`](crate::AdvisoryLock::try_lock_owned); releases like
 /// [`AdvisoryGuard`] when dropped, and then gives the connection back to the pool.
 #[must_use = "if unused the lock is released immediately"]
-pub struct OwnedAdvisoryGuard<S: Scope, M = PostgresConnectionManager<NoTls>>
+pub struct OwnedAdvisoryGuard<S: RawAdvisory, M = PostgresConnectionManager<NoTls>>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -309,7 +317,7 @@ where
     used: bool,
 }
 
-impl<S: Scope, M> OwnedAdvisoryGuard<S, M>
+impl<S: RawAdvisory, M> OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -344,9 +352,13 @@ where
         this.core.is_held(&mut this.conn)
     }
 
-    /// The lock's key.
+    /// The lock's key (as [`AdvisoryGuard::key`]).
     pub fn key(this: &Self) -> &LockKey {
         this.core.key()
+    }
+
+    pub(super) fn core(&self) -> &Core<S> {
+        &self.core
     }
 
     fn finish(mut self, success: bool) -> Result<()> {
@@ -360,7 +372,7 @@ where
     }
 }
 
-impl<M> OwnedAdvisoryGuard<Session, M>
+impl<S: Unlocks + RawAdvisory, M> OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -452,7 +464,7 @@ where
     }
 }
 
-impl<S: Scope, M> Deref for OwnedAdvisoryGuard<S, M>
+impl<S: RawAdvisory, M> Deref for OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -463,7 +475,7 @@ where
     }
 }
 
-impl<S: Scope, M> DerefMut for OwnedAdvisoryGuard<S, M>
+impl<S: RawAdvisory, M> DerefMut for OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -473,7 +485,7 @@ where
     }
 }
 
-impl<S: Scope, M> Drop for OwnedAdvisoryGuard<S, M>
+impl<S: RawAdvisory, M> Drop for OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -481,15 +493,18 @@ where
         if let Err(e) = self.core.release(&mut self.conn, self.used) {
             warn!("{e}");
         }
+        // The connection goes back to the pool now.
+        S::leave(&mut self.core, &mut self.conn);
     }
 }
 
-impl<S: Scope, M> fmt::Debug for OwnedAdvisoryGuard<S, M>
+impl<S: RawAdvisory, M> fmt::Debug for OwnedAdvisoryGuard<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnedAdvisoryGuard")
+            .field("kind", &S::KIND)
             .field("key", self.core.key())
             .field("mode", &self.core.mode())
             .field("held_for", &self.locked_at.elapsed())

@@ -1,25 +1,27 @@
-//! Advisory locks: PostgreSQL's `pg_advisory_lock` family, in session or transaction
-//! scope.
+//! Advisory locks: PostgreSQL's `pg_advisory_lock` family.
 //!
-//! One generic lock, [`AdvisoryLock<S, M>`](AdvisoryLock), is written once over a sealed
-//! [`Scope`] (as `lock_api` builds `Mutex<R, T>` over `RawMutex`); [`SessionLock`] and
-//! [`TxLock`] are its two instances. The SQL lives in `sql.rs` as plain functions, the
-//! engine that sends it and cleans up after every failure in `engine.rs`, and the wait
-//! strategies it shares with other lock kinds in `crate::wait`.
-//!
-//! On top of session locks, two coordination types with engines of their own (they hold
-//! several keys on one session): [`AdvisorySemaphore`] (N slots, `semaphore.rs`) and
-//! [`LockSet`] (several keys, all or nothing, `set.rs`). Their SQL is in `coord_sql.rs`,
-//! what they share in `coord.rs`.
+//! One generic lock, [`AdvisoryLock<S, M>`](AdvisoryLock), and its guards are written once
+//! over a sealed raw kind [`RawAdvisory`] (as `lock_api` builds `Mutex<R, T>` over
+//! `RawMutex`). Its four instances: [`SessionLock`] ([`Session`], `session.rs`),
+//! [`TxLock`] ([`Transaction`], `tx.rs`), [`AdvisorySemaphore`] ([`Slots`],
+//! `semaphore.rs`) and [`LockSet`] ([`KeySet`], `set.rs`). What differs between them is
+//! the raw trait (`raw.rs`); the engine that sends their statements, waits, and cleans up
+//! after every failure is `engine.rs`; the SQL lives beside its reply decoders in `sql.rs`
+//! (one key) and `coord_sql.rs` (several), replies are read by `reply.rs`, a session
+//! lock's prepared statements are `prepared.rs`, and the wait strategies shared with the
+//! leases are `crate::wait`.
 
-mod coord;
 mod coord_sql;
 mod engine;
 mod guard;
-mod scope;
+mod prepared;
+mod raw;
+mod reply;
 mod semaphore;
+mod session;
 mod set;
 mod sql;
+mod tx;
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -30,9 +32,12 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use self::engine::Core;
 pub use self::guard::{AdvisoryGuard, OwnedAdvisoryGuard, TxSavepoint};
-pub use self::scope::{Scope, Session, Transaction};
-pub use self::semaphore::{AdvisorySemaphore, SemaphorePermit};
-pub use self::set::{LockSet, LockSetGuard};
+use self::raw::sealed::OneKey;
+pub use self::raw::RawAdvisory;
+pub use self::semaphore::{AdvisorySemaphore, OwnedSemaphorePermit, SemaphorePermit, Slots};
+pub use self::session::Session;
+pub use self::set::{KeySet, LockSet, LockSetGuard, OwnedLockSetGuard};
+pub use self::tx::Transaction;
 use crate::locker::{sealed, Locker};
 use crate::wait::{Limit, Outcome};
 use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};
@@ -137,8 +142,8 @@ pub type OwnedSessionGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisory
 /// A [`TxGuard`] that owns its lock and connection: `'static` and `Send`.
 pub type OwnedTxGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Transaction, M>;
 
-/// An advisory lock on one checked-out connection, in scope `S`: use it as [`SessionLock`]
-/// or [`TxLock`].
+/// An advisory lock of kind `S` on one checked-out connection: use it as [`SessionLock`],
+/// [`TxLock`], [`AdvisorySemaphore`] or [`LockSet`].
 ///
 /// A lock made from a pool ([`new`](AdvisoryLock::new),
 /// [`with_options`](AdvisoryLock::with_options)) keeps the pool: when its connection
@@ -146,7 +151,7 @@ pub type OwnedTxGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard
 /// failover), the next call takes a fresh connection from the pool and goes on. A lock
 /// made [`from_connection`](AdvisoryLock::from_connection) has no pool and reports the
 /// dead connection instead.
-pub struct AdvisoryLock<S: Scope, M = PostgresConnectionManager<NoTls>>
+pub struct AdvisoryLock<S: RawAdvisory, M = PostgresConnectionManager<NoTls>>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -156,7 +161,7 @@ where
     core: Core<S>,
 }
 
-impl<S: Scope, M> AdvisoryLock<S, M>
+impl<S: OneKey + RawAdvisory, M> AdvisoryLock<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -212,13 +217,7 @@ where
         key: impl Into<LockKey>,
         options: LockOptions,
     ) -> Result<Self> {
-        let core = Core::new(key.into(), options)?;
-        let conn = core.checkout(pool)?;
-        Ok(AdvisoryLock {
-            conn: Some(conn),
-            pool: Some(pool.clone()),
-            core,
-        })
+        Self::checked_out(pool, Core::new(key.into(), options, S::default())?)
     }
 
     /// Makes a lock on `key` that uses a connection the caller already checked out.
@@ -249,11 +248,65 @@ where
         key: impl Into<LockKey>,
         options: LockOptions,
     ) -> Result<Self> {
+        let core = Core::new(key.into(), options, S::default())?;
+        Ok(Self::on_connection(conn, core))
+    }
+
+    /// Points the lock at another key, keeping its connection, options and prepared
+    /// statements: the cheapest way to lock many keys in turn. Takes no round trip.
+    ///
+    /// No guard can be alive here; if one was leaked with `mem::forget`, its lock is
+    /// released first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the key is a name with a NUL character; the lock then
+    /// keeps its old key.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
+    /// let mut lock = pglock::SessionLock::new(&pool, "job/0")?;
+    /// for job in ["job/1", "job/2", "job/3"] {
+    ///     lock.set_key(job)?;
+    ///     if let Some(_guard) = lock.try_lock()? {
+    ///         // ... run the job
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_key(&mut self, key: impl Into<LockKey>) -> Result<()> {
+        if let Some(conn) = self.conn.as_mut() {
+            self.core.release_leaked(conn);
+        }
+        self.core.set_key(key.into())
+    }
+}
+
+impl<S: RawAdvisory, M> AdvisoryLock<S, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    /// A lock of `core` on a connection checked out of `pool`.
+    fn checked_out(pool: &Pool<M>, core: Core<S>) -> Result<Self> {
+        let conn = core.checkout(pool)?;
         Ok(AdvisoryLock {
             conn: Some(conn),
-            pool: None,
-            core: Core::new(key.into(), options)?,
+            pool: Some(pool.clone()),
+            core,
         })
+    }
+
+    /// A lock of `core` on the caller's connection, with no pool.
+    fn on_connection(conn: PooledConnection<M>, core: Core<S>) -> Self {
+        AdvisoryLock {
+            conn: Some(conn),
+            pool: None,
+            core,
+        }
     }
 
     /// Takes the lock if it is free. This function does not block.
@@ -469,39 +522,6 @@ where
         Ok(self.acquire_owned(Limit::Try)?.ok())
     }
 
-    /// Points the lock at another key, keeping its connection, options and prepared
-    /// statements: the cheapest way to lock many keys in turn. Takes no round trip.
-    ///
-    /// No guard can be alive here; if one was leaked with `mem::forget`, its lock is
-    /// released first.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] if the key is a name with a NUL character; the lock then
-    /// keeps its old key.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut lock = pglock::SessionLock::new(&pool, "job/0")?;
-    /// for job in ["job/1", "job/2", "job/3"] {
-    ///     lock.set_key(job)?;
-    ///     if let Some(_guard) = lock.try_lock()? {
-    ///         // ... run the job
-    ///     }
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn set_key(&mut self, key: impl Into<LockKey>) -> Result<()> {
-        if let Some(conn) = self.conn.as_mut() {
-            self.core.release_leaked(conn);
-        }
-        self.core.set_key(key.into())
-    }
-
     /// Gives the connection back, to run more SQL on it or to make a lock on another key
     /// with [`from_connection`](AdvisoryLock::from_connection) without a new checkout
     /// ([`set_key`](AdvisoryLock::set_key) is cheaper still).
@@ -537,6 +557,7 @@ where
     pub fn into_connection(mut self) -> Result<PooledConnection<M>> {
         let conn = Self::connect(&mut self.conn, &self.pool, &mut self.core, None)?;
         self.core.release_leaked(conn);
+        S::leave(&mut self.core, conn);
         let conn = self.conn.take();
         conn.ok_or_else(|| self.core.lost(crate::LostReason::SessionEnded, None))
     }
@@ -655,42 +676,41 @@ where
     }
 }
 
-impl<S: Scope, M> Drop for AdvisoryLock<S, M>
+impl<S: RawAdvisory, M> Drop for AdvisoryLock<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
     fn drop(&mut self) {
-        // Only has work if a guard was leaked with `mem::forget`.
+        // Only has work if a guard was leaked with `mem::forget`, or the kind set the
+        // connection up (a semaphore listens).
         if let Some(conn) = self.conn.as_mut() {
             self.core.release_leaked(conn);
+            S::leave(&mut self.core, conn);
         }
     }
 }
 
-impl<S: Scope, M> fmt::Debug for AdvisoryLock<S, M>
+impl<S: RawAdvisory, M> fmt::Debug for AdvisoryLock<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct(match <S as scope::sealed::Sealed>::KIND {
-            scope::sealed::Kind::Session => "SessionLock",
-            scope::sealed::Kind::Transaction => "TxLock",
-        })
-        .field("key", self.core.key())
-        .field("mode", &self.core.mode())
-        .field("lock_timeout", &self.core.lock_timeout())
-        .field("wait_mode", &self.core.wait_mode())
-        .field("held", &self.core.is_held_flag())
-        .finish_non_exhaustive()
+        f.debug_struct(<S as raw::sealed::Raw>::NAME)
+            .field("key", self.core.key())
+            .field("mode", &self.core.mode())
+            .field("lock_timeout", &self.core.lock_timeout())
+            .field("wait_mode", &self.core.wait_mode())
+            .field("held", &self.core.is_held_flag())
+            .finish_non_exhaustive()
     }
 }
 
-impl<S: Scope, M> sealed::Sealed for AdvisoryLock<S, M> where
+impl<S: RawAdvisory, M> sealed::Sealed for AdvisoryLock<S, M> where
     M: ManageConnection<Connection = Client>
 {
 }
 
-impl<S: Scope, M> Locker for AdvisoryLock<S, M>
+impl<S: RawAdvisory, M> Locker for AdvisoryLock<S, M>
 where
     M: ManageConnection<Connection = Client>,
 {

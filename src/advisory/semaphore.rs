@@ -1,20 +1,23 @@
 //! A named counting semaphore on session advisory locks: N slots, each a lock of its own.
+//! The [`Slots`] kind of the advisory engine; the public type is
+//! [`AdvisorySemaphore`](crate::AdvisorySemaphore).
 
-use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::debug;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use r2d2::{ManageConnection, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::coord::{self, Cancel, Link};
 use super::coord_sql as sql;
+use super::engine::Core;
+use super::raw::sealed::{Raw, Unlocks};
+use super::reply::{col, last, simple};
+use super::{AdvisoryGuard, AdvisoryLock, OwnedAdvisoryGuard};
 use crate::error::Failure;
 use crate::wait::{self, Limit, Outcome};
-use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};
+use crate::{Error, LockKey, LockMode, LockOptions, Result};
 
 /// The most slots a semaphore may have: see [`AdvisorySemaphore::MAX_PERMITS`].
 const MAX_PERMITS: u32 = 1024;
@@ -48,8 +51,15 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 ///
 /// # Holding a permit
 ///
-/// [`try_lock`](AdvisorySemaphore::try_lock) tries every slot in one statement (starting
-/// at a random slot, stopping at the first free one) and never blocks. A permit is a
+/// An `AdvisorySemaphore` is the one advisory engine ([`AdvisoryLock`]) over the
+/// [`Slots`] kind, so it has every call a [`SessionLock`](crate::SessionLock) has
+/// (`try_lock`, `lock`, `try_lock_for`, `with_lock`, `lock_owned`, `try_lock_owned`,
+/// `cancel_handle`, [`Locker`](crate::Locker)), and the same handling of failures: a lost
+/// connection is replaced from the pool within the call's bound, a failed call holds
+/// nothing, and the connection never goes back to the pool holding a slot.
+///
+/// [`try_lock`](AdvisoryLock::try_lock) tries every slot in one statement (starting at a
+/// random slot, stopping at the first free one) and never blocks. A permit is a
 /// [`SemaphorePermit`], which derefs to the semaphore's connection like the advisory
 /// locks' guards (the critical section usually has SQL to run, and runs it on the session
 /// that holds the slot); it releases the slot when dropped. Like a session lock, a slot is
@@ -59,7 +69,7 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 /// # Waiting
 ///
 /// The server cannot wait for "any one of N locks", so a blocking call
-/// ([`lock`](AdvisorySemaphore::lock), [`try_lock_for`](AdvisorySemaphore::try_lock_for))
+/// ([`lock`](AdvisoryLock::lock), [`try_lock_for`](AdvisoryLock::try_lock_for))
 /// waits for a notification instead: every release notifies the channel
 /// `pglock_semaphore_<base>` in its unlock statement (`pg_notify`, same round trip), and a
 /// waiter `LISTEN`s on it (once per semaphore, on its first wait) and tries all slots
@@ -82,7 +92,7 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 ///   [`TxLock`](crate::TxLock) on the slot's key there), and two clients never both hold
 ///   one slot.
 ///
-/// [`LockOptions::lock_timeout`] bounds [`lock`](AdvisorySemaphore::lock); it is measured
+/// [`LockOptions::lock_timeout`] bounds [`lock`](AdvisoryLock::lock); it is measured
 /// by the client here (there is no single server wait to bound). [`LockMode::Shared`] is
 /// refused.
 ///
@@ -113,30 +123,27 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 /// # Ok(())
 /// # }
 /// ```
-pub struct AdvisorySemaphore<M = PostgresConnectionManager<NoTls>>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    link: Link<M>,
-    state: State,
-}
+pub type AdvisorySemaphore<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Slots, M>;
 
-/// The state of a semaphore, apart from its connection.
-#[derive(Debug)]
-struct State {
+/// A permit of an [`AdvisorySemaphore`]: holds one slot; releases it (and wakes the
+/// waiters) when dropped. See [`AdvisoryGuard`]; [`slot`](AdvisoryGuard::slot) tells
+/// which slot.
+pub type SemaphorePermit<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Slots, M>;
+
+/// A [`SemaphorePermit`] that owns its semaphore and connection: `'static` and `Send`.
+pub type OwnedSemaphorePermit<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Slots, M>;
+
+/// The slots of an [`AdvisorySemaphore`]: the advisory kind that holds one of N slot keys
+/// and waits for a release's notification. Sealed; see [`RawAdvisory`](crate::RawAdvisory).
+#[derive(Debug, Clone)]
+pub struct Slots {
     base: i32,
     permits: u32,
-    /// Slot 0's key, labelled with the semaphore's name: what errors name.
-    key: LockKey,
-    options: LockOptions,
-    cancel: Cancel,
     /// The slot a permit holds (or a leaked permit held).
     held: Option<u32>,
     /// The connection listens on the semaphore's channel.
     listening: bool,
     rng: u64,
-    /// What precedes the `@` of this semaphore's session markers.
-    prefix: String,
 }
 
 impl AdvisorySemaphore {
@@ -146,7 +153,7 @@ impl AdvisorySemaphore {
     pub const MAX_PERMITS: u32 = MAX_PERMITS;
 }
 
-impl<M> AdvisorySemaphore<M>
+impl<M> AdvisoryLock<Slots, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -155,9 +162,9 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if `permits` is 0 or above [`AdvisorySemaphore::MAX_PERMITS`], or `name`
-    /// has a NUL character (checked before the checkout); [`Error::Pool`] if no
-    /// connection could be checked out.
+    /// [`Error::InvalidArgument`] if `permits` is 0 or above
+    /// [`AdvisorySemaphore::MAX_PERMITS`], or `name` has a NUL character (checked before
+    /// the checkout); [`Error::Pool`] if no connection could be checked out.
     ///
     /// # Examples
     ///
@@ -174,14 +181,14 @@ where
     }
 
     /// Makes a semaphore with `options`: [`lock_timeout`](LockOptions::lock_timeout)
-    /// bounds [`lock`](AdvisorySemaphore::lock), and
-    /// [`wait_mode`](LockOptions::wait_mode) chooses notifications
-    /// ([`WaitMode::Server`], the default) or polling. It takes no permit.
+    /// bounds [`lock`](AdvisoryLock::lock), and [`wait_mode`](LockOptions::wait_mode)
+    /// chooses notifications ([`WaitMode::Server`](crate::WaitMode::Server), the default)
+    /// or polling. It takes no permit.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] as for [`new`](AdvisorySemaphore::new), for an option
-    /// out of PostgreSQL's range, or for [`LockMode::Shared`]; [`Error::Pool`] if no
+    /// [`Error::InvalidArgument`] as for [`new`](AdvisoryLock::<Slots, M>::new), for an
+    /// option out of PostgreSQL's range, or for [`LockMode::Shared`]; [`Error::Pool`] if no
     /// connection could be checked out.
     ///
     /// # Examples
@@ -203,325 +210,145 @@ where
         permits: u32,
         options: LockOptions,
     ) -> Result<Self> {
-        let state = State::new(name, permits, options)?;
-        Ok(AdvisorySemaphore {
-            link: Link::checkout(pool, &state.key)?,
-            state,
-        })
+        let (key, slots) = Slots::new(name, permits, &options)?;
+        Self::checked_out(pool, Core::new(key, options, slots)?)
     }
 
-    /// Takes a permit if a slot is free. This function does not block.
-    ///
-    /// One statement tries every slot, from a random one on, and takes at most one: one
-    /// round trip. Returns `Ok(None)` when all `N` slots are held.
+    /// Makes a semaphore that uses a connection the caller already checked out (it has no
+    /// pool to take a new one from if this one dies). It takes no permit.
     ///
     /// # Errors
     ///
-    /// [`Error::Cancelled`] if the semaphore was cancelled; [`Error::LockTableFull`] if
-    /// the server's lock table is full; [`Error::Pool`] if the semaphore needed a new
-    /// connection and got none; [`Error::Database`] for any other failure. After an
-    /// error the semaphore holds nothing.
+    /// [`Error::InvalidArgument`] as for
+    /// [`with_options`](AdvisoryLock::<Slots, M>::with_options).
     ///
     /// # Examples
     ///
     /// ```no_run
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// match exports.try_lock()? {
-    ///     Some(permit) => println!("exporting in slot {}", pglock::SemaphorePermit::slot(&permit)),
-    ///     None => println!("3 exports are running already"),
-    /// }
+    /// let options = pglock::LockOptions::new();
+    /// let exports = pglock::AdvisorySemaphore::from_connection(pool.get()?, "exports", 3, options)?;
     /// # Ok(())
     /// # }
     /// ```
-    #[must_use = "if unused the permit is released immediately"]
-    pub fn try_lock(&mut self) -> Result<Option<SemaphorePermit<'_, M>>> {
-        Ok(self.acquire(Limit::Try)?.ok())
-    }
-
-    /// Takes a permit, blocking until a slot is free or the configured
-    /// [`lock_timeout`](LockOptions::lock_timeout) passes (by default, no bound). A
-    /// release anywhere wakes the waiter at once (see "Waiting" above).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Timeout`] if the bound passed; [`Error::Cancelled`] if the wait was
-    /// cancelled (it notices within about 20 ms); otherwise as for
-    /// [`try_lock`](AdvisorySemaphore::try_lock). After any error, the semaphore holds
-    /// nothing.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// let _permit = exports.lock()?;
-    /// // ... the work; the slot is released when `_permit` drops.
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn lock(&mut self) -> Result<SemaphorePermit<'_, M>> {
-        let limit = Limit::bounded_by(self.state.options.lock_timeout);
-        let key = self.state.key.clone();
-        self.acquire(limit)?.map_err(|waited| {
-            crate::metrics::timed_out("semaphore", &key);
-            Error::Timeout { key, waited }
-        })
-    }
-
-    /// Takes a permit, blocking at most `timeout`. A zero `timeout` makes one try.
-    /// Returns `Ok(None)` if every slot was still held when `timeout` passed.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] if `timeout` exceeds `i32::MAX` milliseconds; otherwise
-    /// as for [`lock`](AdvisorySemaphore::lock), but never [`Error::Timeout`].
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// use std::time::Duration;
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// if let Some(_permit) = exports.try_lock_for(Duration::from_secs(5))? {
-    ///     // ... export
-    /// }
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[must_use = "if unused the permit is released immediately"]
-    pub fn try_lock_for(&mut self, timeout: Duration) -> Result<Option<SemaphorePermit<'_, M>>> {
-        let limit = Limit::checked(&self.state.key, timeout)?;
-        Ok(self.acquire(limit)?.ok())
-    }
-
-    /// Runs `work` while holding a permit, and releases it on every path: when `work`
-    /// returns `Ok` or `Err`, and when it panics (the panic then continues). Blocks like
-    /// [`lock`](AdvisorySemaphore::lock).
-    ///
-    /// # Errors
-    ///
-    /// The error of [`lock`](AdvisorySemaphore::lock), converted; the error of `work`;
-    /// or, when `work` succeeded but the release failed, the release's error
-    /// ([`Error::LockLost`], [`Error::TransactionLeftOpen`], [`Error::Database`]). If
-    /// both failed, `work`'s error is returned and the release's is logged.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// let rows = exports.with_lock(|conn| -> Result<u64, Box<dyn std::error::Error>> {
-    ///     Ok(conn.execute("SELECT 1", &[])?)
-    /// })?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn with_lock<'a, R, E, F>(&'a mut self, work: F) -> Result<R, E>
-    where
-        F: FnOnce(&mut SemaphorePermit<'a, M>) -> Result<R, E>,
-        E: From<Error>,
-    {
-        let mut permit = self.lock()?;
-        let result = work(&mut permit);
-        let released = permit.release();
-        match (result, released) {
-            (Ok(value), Ok(())) => Ok(value),
-            (Ok(_), Err(e)) => Err(e.into()),
-            (Err(e), Ok(())) => Err(e),
-            (Err(e), Err(release)) => {
-                warn!("the critical section failed, and then: {release}");
-                Err(e)
-            }
-        }
-    }
-
-    /// A handle that cancels this semaphore's waits from another thread. See
-    /// [`CancelHandle`]; a cancelled semaphore takes no permit again.
-    pub fn cancel_handle(&self) -> CancelHandle {
-        self.state
-            .cancel
-            .handle(&self.state.key, self.link.conn.as_deref())
+    pub fn from_connection(
+        conn: PooledConnection<M>,
+        name: &str,
+        permits: u32,
+        options: LockOptions,
+    ) -> Result<Self> {
+        let (key, slots) = Slots::new(name, permits, &options)?;
+        Ok(Self::on_connection(conn, Core::new(key, options, slots)?))
     }
 
     /// The number of slots.
     pub fn permits(&self) -> u32 {
-        self.state.permits
+        self.core.raw.permits
     }
 
     /// The semaphore's name.
     pub fn name(&self) -> &str {
-        self.state.key.name().unwrap_or("")
-    }
-
-    /// Slot 0's key, labelled with the semaphore's name: the key its errors name.
-    pub fn key(&self) -> &LockKey {
-        &self.state.key
+        self.core.key().name().unwrap_or("")
     }
 
     /// The key of slot `slot`: `(base, slot)`, where `base` is
-    /// `(hashtextextended(name, 0) >> 32)::int`.
+    /// `(hashtextextended(name, 0) >> 32)::int`. (The semaphore's own
+    /// [`key`](AdvisoryLock::key) is slot 0's, labelled with its name: the key its errors
+    /// name.)
     pub fn slot_key(&self, slot: u32) -> LockKey {
-        sql::slot_key(self.state.base, slot)
-    }
-
-    /// Takes a permit within `limit`: the permit, or how long it waited.
-    fn acquire(&mut self, limit: Limit) -> Result<Result<SemaphorePermit<'_, M>, Duration>> {
-        let (conn, fresh) = self.link.live(&self.state.key)?;
-        if fresh {
-            self.state.connected(conn);
-        }
-        match self.state.acquire(conn, limit)? {
-            Outcome::Busy { waited } => Ok(Err(waited)),
-            Outcome::Locked => Ok(Ok(SemaphorePermit {
-                conn,
-                state: &mut self.state,
-                locked_at: Instant::now(),
-            })),
-        }
+        sql::slot_key(self.core.raw.base, slot)
     }
 }
 
-impl State {
-    fn new(name: &str, permits: u32, options: LockOptions) -> Result<State> {
+impl<M> AdvisoryGuard<'_, Slots, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    /// The slot this permit holds, in `0..permits`.
+    pub fn slot(this: &Self) -> u32 {
+        this.core().raw.held.unwrap_or(0)
+    }
+
+    /// The key of the slot this permit holds.
+    pub fn slot_key(this: &Self) -> LockKey {
+        this.core()
+            .raw
+            .slot_key(Self::slot(this), this.core().key())
+    }
+}
+
+impl<M> OwnedAdvisoryGuard<Slots, M>
+where
+    M: ManageConnection<Connection = Client>,
+{
+    /// The slot this permit holds, in `0..permits`.
+    pub fn slot(this: &Self) -> u32 {
+        this.core().raw.held.unwrap_or(0)
+    }
+
+    /// The key of the slot this permit holds.
+    pub fn slot_key(this: &Self) -> LockKey {
+        this.core()
+            .raw
+            .slot_key(Self::slot(this), this.core().key())
+    }
+}
+
+impl Slots {
+    /// Slot 0's key labelled with the name (what errors name), and the slots.
+    fn new(name: &str, permits: u32, options: &LockOptions) -> Result<(LockKey, Slots)> {
         let base = sql::semaphore_base(name);
         let key = sql::slot_key(base, 0).labelled(name);
-        options.validate(&key)?;
+        let invalid = |message: String| Error::InvalidArgument {
+            key: key.clone(),
+            message,
+        };
         if permits == 0 {
-            return Err(coord::invalid(&key, "a semaphore needs at least 1 permit"));
+            return Err(invalid("a semaphore needs at least 1 permit".into()));
         }
         if permits > MAX_PERMITS {
-            return Err(coord::invalid(
-                &key,
-                format!("{permits} permits exceed the limit of {MAX_PERMITS}"),
-            ));
+            return Err(invalid(format!(
+                "{permits} permits exceed the limit of {MAX_PERMITS}"
+            )));
         }
         if options.mode == LockMode::Shared {
-            return Err(coord::invalid(
-                &key,
-                "a semaphore's slots are exclusive; LockMode::Shared makes no sense here",
+            return Err(invalid(
+                "a semaphore's slots are exclusive; LockMode::Shared makes no sense here".into(),
             ));
         }
-        Ok(State {
+        let slots = Slots {
             base,
             permits,
-            key,
-            options,
-            cancel: Cancel::default(),
             held: None,
             listening: false,
             rng: wait::seed(),
-            prefix: coord::marker_prefix(),
-        })
-    }
-
-    /// A new connection replaced a closed one: nothing is held or listened to on it.
-    fn connected(&mut self, client: &Client) {
-        self.held = None;
-        self.listening = false;
-        self.cancel.connected(client);
-    }
-
-    fn slot_key(&self, slot: u32) -> LockKey {
-        let name = self.key.name().unwrap_or("");
-        sql::slot_key(self.base, slot).labelled(name)
-    }
-
-    fn acquire(&mut self, conn: &mut Client, limit: Limit) -> Result<Outcome> {
-        self.release_leaked(conn);
-        self.cancel.check()?;
-        let start = Instant::now();
-        let mut slot = self.try_once(conn)?;
-        if slot.is_none() && limit != Limit::Try {
-            match self.options.wait_mode {
-                WaitMode::Poll {
-                    min_interval,
-                    max_interval,
-                } => {
-                    let cancel = self.cancel.shared();
-                    wait::poll(limit, min_interval, max_interval, cancel.as_deref(), || {
-                        slot = self.try_once(conn)?;
-                        Ok(slot.is_some())
-                    })?;
-                }
-                _ => slot = self.wait_for_notification(conn, limit, start)?,
-            }
-        }
-        let Some(slot) = slot else {
-            debug!(
-                "semaphore {}: all slots busy; waited {:?}",
-                self.key,
-                start.elapsed()
-            );
-            crate::metrics::busy("semaphore", &self.key);
-            return Ok(Outcome::Busy {
-                waited: start.elapsed(),
-            });
         };
-        self.held = Some(slot);
-        if self.cancel.check().is_err() {
-            // Cancelled while the slot was being taken: hand out nothing.
-            if let Err(e) = self.release(conn) {
-                debug!("semaphore {}: release of an unwanted slot: {e}", self.key);
-            }
-            crate::metrics::cancelled("semaphore", &self.key);
-            return Err(Error::Cancelled {
-                key: self.key.clone(),
-            });
-        }
-        debug!(
-            "semaphore {}: took slot {slot} after {:?}",
-            self.key,
-            start.elapsed()
-        );
-        crate::metrics::locked("semaphore", &self.key, start.elapsed());
-        Ok(Outcome::Locked)
+        Ok((key, slots))
     }
 
-    /// One non-blocking try at every slot: the slot taken, if any.
-    fn try_once(&mut self, conn: &mut Client) -> Result<Option<u32>> {
-        let start = (wait::next_random(&mut self.rng) % u64::from(self.permits)) as u32;
-        let cleanup = sql::semaphore_release_taken(self.base, self.permits);
-        let statement = sql::semaphore_try(self.base, self.permits, start, &self.prefix);
-        let row = match coord::simple(conn, &statement) {
-            Ok(rows) => coord::last(rows),
-            Err(e) => {
-                coord::clean_after(conn, &self.key, &self.prefix, &e, &cleanup);
-                return Err(coord::acquire_error(conn, &self.key, &self.cancel, e));
-            }
-        };
-        match sql::reply(coord::col(&row, 0)) {
-            sql::Reply::Done(answer) => match sql::semaphore_slot(answer, self.permits) {
-                Ok(slot) => Ok(slot),
-                Err(()) => {
-                    // Not an answer the statement gives: release whatever it took.
-                    coord::clean(conn, &self.key, &self.prefix, &cleanup)?;
-                    Ok(None)
-                }
-            },
-            refusal => Err(coord::refused(conn, &self.key, &self.prefix, refusal)),
-        }
+    fn slot_key(&self, slot: u32, key: &LockKey) -> LockKey {
+        sql::slot_key(self.base, slot).labelled(key.name().unwrap_or(""))
     }
 
     /// Waits for a release's notification (or the periodic recheck) and tries again,
     /// until a slot is taken or `limit` passes.
-    fn wait_for_notification(
-        &mut self,
-        conn: &mut Client,
+    fn wait_for_notification<M>(
+        core: &mut Core<Slots>,
+        conn: &mut PooledConnection<M>,
         limit: Limit,
         start: Instant,
-    ) -> Result<Option<u32>> {
-        if !self.listening {
+    ) -> Result<Outcome>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        if !core.raw.listening {
             // Its own round trip: LISTEN takes effect when its transaction commits, so in
             // the try's batch a release between the try and the commit would go unheard.
-            if let Err(e) = conn.batch_execute(&sql::semaphore_listen(self.base)) {
-                return Err(coord::acquire_error(conn, &self.key, &self.cancel, e));
+            if let Err(e) = conn.batch_execute(&sql::semaphore_listen(core.raw.base)) {
+                return Err(core.failed_acquire(conn, e));
             }
-            self.listening = true;
+            core.raw.listening = true;
         }
         loop {
             // Notifications that came before this try are spent by it.
@@ -530,251 +357,166 @@ impl State {
                 let mut drained = pending.iter();
                 while let Ok(Some(_)) = drained.next() {}
             }
-            if let Some(slot) = self.try_once(conn)? {
-                return Ok(Some(slot));
+            if Self::try_once(core, conn)? {
+                return Ok(Outcome::Locked);
             }
             let waited = start.elapsed();
             let recheck = match limit {
-                Limit::For(bound) if waited >= bound => return Ok(None),
+                Limit::For(bound) if waited >= bound => return Ok(Outcome::Busy { waited }),
                 Limit::For(bound) => RECHECK.min(bound - waited),
                 _ => RECHECK,
             };
-            let until = Instant::now() + recheck;
-            loop {
-                self.cancel.check()?;
-                let now = Instant::now();
-                if now >= until || conn.is_closed() {
-                    break;
-                }
-                let slice = (until - now).min(CANCEL_SLICE);
-                let woken = conn.notifications().timeout_iter(slice).next();
-                match woken {
-                    Ok(Some(_)) => break,
-                    Ok(None) => {}
-                    Err(e) => return Err(coord::acquire_error(conn, &self.key, &self.cancel, e)),
-                }
+            if let Err(e) = Self::sleep_until_notified(core, conn, recheck) {
+                return Err(match e {
+                    Wake::Cancelled(e) => e,
+                    Wake::Failed(e) => core.failed_acquire(conn, e),
+                });
             }
         }
     }
 
-    /// Releases the slot held, if any, and notifies the waiters.
-    fn release(&mut self, conn: &mut Client) -> Result<()> {
-        let Some(slot) = self.held.take() else {
+    /// Sleeps for at most `recheck`, until a notification comes or the lock is cancelled.
+    fn sleep_until_notified(
+        core: &Core<Slots>,
+        conn: &mut Client,
+        recheck: Duration,
+    ) -> std::result::Result<(), Wake> {
+        let until = Instant::now() + recheck;
+        loop {
+            core.check_cancelled().map_err(Wake::Cancelled)?;
+            let now = Instant::now();
+            if now >= until || conn.is_closed() {
+                return Ok(());
+            }
+            let slice = (until - now).min(CANCEL_SLICE);
+            match conn.notifications().timeout_iter(slice).next() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => {}
+                Err(e) => return Err(Wake::Failed(e)),
+            }
+        }
+    }
+}
+
+/// Why a waiter woke other than by a notification.
+enum Wake {
+    Cancelled(Error),
+    Failed(postgres::Error),
+}
+
+impl super::RawAdvisory for Slots {}
+impl Unlocks for Slots {}
+
+impl Raw for Slots {
+    const KIND: &'static str = "semaphore";
+    const NAME: &'static str = "AdvisorySemaphore";
+
+    /// The prefix alone: each try marks the slot it takes (`<prefix>@<base>,<slot>`).
+    fn token(prefix: &str, _: &LockKey) -> String {
+        prefix.to_owned()
+    }
+
+    fn try_once<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let slots = &mut core.raw;
+        let start = (wait::next_random(&mut slots.rng) % u64::from(slots.permits)) as u32;
+        let statement = sql::semaphore_try(slots.base, slots.permits, start, &core.spec.token);
+        let row = match simple(conn, &statement) {
+            Ok(rows) => last(rows),
+            Err(e) => return Err(core.failed_acquire(conn, e)),
+        };
+        match sql::reply(col(&row, 0)) {
+            sql::Reply::Done(answer) => match sql::semaphore_slot(answer, core.raw.permits) {
+                Ok(slot) => {
+                    core.raw.held = slot;
+                    Ok(slot.is_some())
+                }
+                Err(()) => {
+                    // Not an answer the statement gives: release whatever it took.
+                    Self::clean_up(core, conn, Failure::Other)?;
+                    Ok(false)
+                }
+            },
+            sql::Reply::Shared(other) => Err(core.shared_session(Some(other))),
+            sql::Reply::InTransaction => Err(core.refuse_in_transaction(conn)),
+        }
+    }
+
+    fn wait<M>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        limit: Limit,
+        start: Instant,
+    ) -> Result<Outcome>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        // The server cannot wait for "any one of N locks": wait for a notification.
+        Self::wait_for_notification(core, conn, limit, start)
+    }
+
+    fn clean_up<M>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        failure: Failure,
+    ) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        core.raw.held = None;
+        if failure == Failure::InFailedTransaction {
+            // The connection came inside a failed transaction: nothing ran. End it.
+            return core.end_stray_transaction(conn);
+        }
+        let cleanup = sql::semaphore_release_taken(core.raw.base, core.raw.permits);
+        core.release_taken_with(conn, &cleanup)
+    }
+
+    fn finish<M>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        _used: bool,
+        _success: bool,
+    ) -> Result<()>
+    where
+        M: ManageConnection<Connection = Client>,
+    {
+        let held = std::mem::take(&mut core.held);
+        let (Some(slot), true) = (core.raw.held.take(), held) else {
             return Ok(());
         };
-        let key = self.slot_key(slot);
-        let result = coord::release(
-            conn,
-            &key,
-            &self.prefix,
-            &sql::semaphore_unlock(self.base, slot, &self.prefix),
-            &sql::semaphore_after_rollback(self.base, &self.prefix),
-        );
-        if let Err(Error::LockLost { .. }) = &result {
-            if conn.is_closed() {
-                self.listening = false;
-            }
-        }
+        let unlock = sql::semaphore_unlock(core.raw.base, slot, &core.spec.token);
+        let after_rollback = sql::semaphore_after_rollback(core.raw.base, &core.spec.token);
+        let result = core.release_with(conn, &unlock, &after_rollback);
         if result.is_ok() {
-            debug!("semaphore {}: released slot {slot}", self.key);
+            debug!("semaphore {}: released slot {slot}", core.key());
         }
         result
     }
 
-    /// Releases the slot of a permit leaked with `mem::forget`.
-    fn release_leaked(&mut self, conn: &mut Client) {
-        if self.held.is_some() {
-            if let Err(e) = self.release(conn) {
-                warn!("{e}");
-            }
-        }
+    fn is_held(core: &mut Core<Self>, client: &mut Client) -> Result<bool> {
+        let slot = core.raw.held.unwrap_or(0);
+        let key = sql::slot_key(core.raw.base, slot);
+        core.ask_held(client, &super::sql::is_held(LockMode::Exclusive, &key))
     }
-}
 
-impl<M> Drop for AdvisorySemaphore<M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    fn drop(&mut self) {
-        let Some(conn) = self.link.conn.as_mut() else {
+    fn connected(&mut self) {
+        self.held = None;
+        self.listening = false;
+    }
+
+    fn leave(core: &mut Core<Self>, client: &mut Client) {
+        if !core.raw.listening || client.is_closed() {
             return;
-        };
-        self.state.release_leaked(conn);
-        if self.state.listening && !conn.is_closed() {
-            // The connection goes back to the pool: it must not listen any more.
-            if let Err(e) = conn.batch_execute(&sql::semaphore_unlisten(self.state.base)) {
-                if coord::failure_of(conn, &e) != Failure::Closed {
-                    coord::end_session(
-                        conn,
-                        &self.state.key,
-                        &self.state.prefix,
-                        "UNLISTEN failed",
-                    );
-                }
+        }
+        // The connection goes back to the pool: it must not listen any more.
+        core.raw.listening = false;
+        if let Err(e) = client.batch_execute(&sql::semaphore_unlisten(core.raw.base)) {
+            if core.classify(client, &e) != Failure::Closed {
+                core.end_session(client, "UNLISTEN failed");
             }
         }
-    }
-}
-
-impl<M> fmt::Debug for AdvisorySemaphore<M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdvisorySemaphore")
-            .field("name", &self.name())
-            .field("permits", &self.state.permits)
-            .field("base", &self.state.base)
-            .field("held", &self.state.held)
-            .field("lock_timeout", &self.state.options.lock_timeout)
-            .field("wait_mode", &self.state.options.wait_mode)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A permit of an [`AdvisorySemaphore`]: holds one slot; releases it (and wakes the
-/// waiters) when dropped.
-///
-/// Derefs to the semaphore's connection, like the advisory locks' guards, so the critical
-/// section runs SQL on the session that holds the slot. Its own operations are associated
-/// functions (`SemaphorePermit::unlock(p)`), so they never shadow the connection's
-/// methods. `let _ = sem.lock()?;` releases at once; `let _permit = sem.lock()?;` holds
-/// the permit to the end of the scope.
-///
-/// A transaction the critical section leaves open is rolled back at release, so the
-/// connection never goes back to the pool inside one; a healthy one is reported as
-/// [`Error::TransactionLeftOpen`].
-#[must_use = "if unused the permit is released immediately"]
-pub struct SemaphorePermit<'a, M = PostgresConnectionManager<NoTls>>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    conn: &'a mut PooledConnection<M>,
-    state: &'a mut State,
-    locked_at: Instant,
-}
-
-impl<M> SemaphorePermit<'_, M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    /// The slot this permit holds, in `0..permits`.
-    pub fn slot(this: &Self) -> u32 {
-        this.state.held.unwrap_or(0)
-    }
-
-    /// The key of the slot this permit holds.
-    pub fn key(this: &Self) -> LockKey {
-        this.state.slot_key(Self::slot(this))
-    }
-
-    /// Asks the server whether this session still holds the slot (it is freed when the
-    /// session ends). One round trip; a closed connection answers `Ok(false)`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Database`] if the server could not answer.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// let mut permit = exports.lock()?;
-    /// assert!(pglock::SemaphorePermit::is_held(&mut permit)?);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn is_held(this: &mut Self) -> Result<bool> {
-        let key = Self::key(this);
-        let sql = super::sql::is_held(LockMode::Exclusive, &key);
-        match coord::simple(this.conn, &sql) {
-            Ok(rows) => Ok(coord::truthy(coord::col(&coord::last(rows), 0))),
-            Err(_) if this.conn.is_closed() => Ok(false),
-            Err(e) => Err(coord::database(&key, "is_held", e)),
-        }
-    }
-
-    /// Releases the slot and notifies the waiters. The same as dropping the permit, but
-    /// reports the error. One round trip.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::LockLost`] if the slot was already gone (the session ended, or the server
-    /// said this session did not hold it); [`Error::TransactionLeftOpen`] if the critical
-    /// section left a transaction open (rolled back; the slot was released);
-    /// [`Error::Database`] if the release failed, after which pglock ended the session,
-    /// which frees the slot.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: pglock::r2d2::Pool<pglock::r2d2_postgres::PostgresConnectionManager<pglock::postgres::NoTls>> = todo!();
-    /// let mut exports = pglock::AdvisorySemaphore::new(&pool, "exports", 3)?;
-    /// let permit = exports.lock()?;
-    /// pglock::SemaphorePermit::unlock(permit)?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn unlock(this: Self) -> Result<()> {
-        this.release()
-    }
-
-    fn release(self) -> Result<()> {
-        let mut this = std::mem::ManuallyDrop::new(self);
-        let held_for = this.locked_at.elapsed();
-        let SemaphorePermit { conn, state, .. } = &mut *this;
-        let result = state.release(conn);
-        if result.is_ok() {
-            debug!("semaphore {}: held a permit for {held_for:?}", state.key);
-            crate::metrics::released("semaphore", &state.key, held_for);
-        }
-        result
-    }
-}
-
-impl<M> Deref for SemaphorePermit<'_, M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    type Target = Client;
-
-    fn deref(&self) -> &Client {
-        self.conn
-    }
-}
-
-impl<M> DerefMut for SemaphorePermit<'_, M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    fn deref_mut(&mut self) -> &mut Client {
-        self.conn
-    }
-}
-
-impl<M> Drop for SemaphorePermit<'_, M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    fn drop(&mut self) {
-        if let Err(e) = self.state.release(self.conn) {
-            warn!("{e}");
-        }
-    }
-}
-
-impl<M> fmt::Debug for SemaphorePermit<'_, M>
-where
-    M: ManageConnection<Connection = Client>,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SemaphorePermit")
-            .field("semaphore", &self.state.key)
-            .field("slot", &self.state.held)
-            .field("held_for", &self.locked_at.elapsed())
-            .finish()
     }
 }

@@ -244,7 +244,7 @@ pub(crate) fn shared_marker(outcome: Option<&str>) -> Option<&str> {
 
 /// A simple-protocol batch that reads the settings, lifts them for its implicit
 /// transaction, and runs `select`. Its first row is the settings, its last `select`'s.
-fn guarded(select: &str) -> String {
+pub(crate) fn guarded(select: &str) -> String {
     format!(
         "SELECT {SETTINGS}; SET LOCAL statement_timeout = 0; {LIFT_TRANSACTION_TIMEOUT}; {select}"
     )
