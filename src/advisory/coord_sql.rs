@@ -270,6 +270,19 @@ pub(crate) fn set_unlock(keys: &[LockKey], prefix: &str) -> String {
 /// Releases whichever of `keys` this session holds (after a failed wait, when what it
 /// took is unknown).
 pub(crate) fn set_release_taken(keys: &[LockKey]) -> String {
+    format!(
+        "SET LOCAL statement_timeout = 0; \
+         SELECT CASE objsubid WHEN 1 THEN pg_catalog.pg_advisory_unlock( \
+         ((classid::bigint << 32) | objid::bigint)) \
+         ELSE pg_catalog.pg_advisory_unlock(classid::int4, objid::int4) END \
+         FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+         {}",
+        held_by_this_session(keys)
+    )
+}
+
+/// The `pg_locks` condition of this session's exclusive, granted locks on any of `keys`.
+fn held_by_this_session(keys: &[LockKey]) -> String {
     let conditions: Vec<String> = keys
         .iter()
         .map(|k| {
@@ -282,12 +295,7 @@ pub(crate) fn set_release_taken(keys: &[LockKey]) -> String {
         })
         .collect();
     format!(
-        "SET LOCAL statement_timeout = 0; \
-         SELECT CASE objsubid WHEN 1 THEN pg_catalog.pg_advisory_unlock( \
-         ((classid::bigint << 32) | objid::bigint)) \
-         ELSE pg_catalog.pg_advisory_unlock(classid::int4, objid::int4) END \
-         FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
-         AND pid = pg_catalog.pg_backend_pid() AND mode = 'ExclusiveLock' AND granted \
+        "AND pid = pg_catalog.pg_backend_pid() AND mode = 'ExclusiveLock' AND granted \
          AND ({})",
         conditions.join(" OR ")
     )
@@ -295,23 +303,11 @@ pub(crate) fn set_release_taken(keys: &[LockKey]) -> String {
 
 /// Whether this session holds every one of `keys`.
 pub(crate) fn set_is_held(keys: &[LockKey]) -> String {
-    let conditions: Vec<String> = keys
-        .iter()
-        .map(|k| {
-            format!(
-                "(classid = {} AND objid = {} AND objsubid = {})",
-                k.classid(),
-                k.objid(),
-                k.objsubid()
-            )
-        })
-        .collect();
     format!(
         "SELECT (count(*) = {})::text FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
-         AND pid = pg_catalog.pg_backend_pid() AND mode = 'ExclusiveLock' AND granted \
-         AND ({})",
+         {}",
         keys.len(),
-        conditions.join(" OR ")
+        held_by_this_session(keys)
     )
 }
 

@@ -13,6 +13,7 @@ use log::{debug, warn};
 use postgres::Client;
 use r2d2::{ManageConnection, Pool, PooledConnection};
 
+use super::coord_sql::{reply, Reply};
 use super::prepared::take_aborted_open_transaction;
 use super::raw::sealed::{Raw, ServerWait};
 use super::reply::{col, failure_of, last, rows, run_retrying, simple, truthy, Row};
@@ -49,6 +50,12 @@ pub(super) struct Settings {
     /// primary, so none is handed out.
     pub(super) standby: bool,
 }
+
+/// The connection managers a lock works with: r2d2 managers of `postgres` clients. (An
+/// alias of the bound, for the engine's own signatures.)
+pub trait Manager: ManageConnection<Connection = Client> {}
+
+impl<M: ManageConnection<Connection = Client>> Manager for M {}
 
 /// The state of one lock, apart from its connection: what every kind has, and the kind's
 /// own state (`raw`).
@@ -105,23 +112,17 @@ impl<S: Raw> Core<S> {
     }
 
     /// Checks a connection out of `pool` for this lock.
-    pub(crate) fn checkout<M>(&self, pool: &Pool<M>) -> Result<PooledConnection<M>>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    pub(crate) fn checkout<M: Manager>(&self, pool: &Pool<M>) -> Result<PooledConnection<M>> {
         self.checkout_within(pool, None)
     }
 
     /// A checkout that gives up after `within` when that is sooner than the pool's own
     /// `connection_timeout`.
-    pub(crate) fn checkout_within<M>(
+    pub(crate) fn checkout_within<M: Manager>(
         &self,
         pool: &Pool<M>,
         within: Option<Duration>,
-    ) -> Result<PooledConnection<M>>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<PooledConnection<M>> {
         let got = match within {
             Some(d) if d.max(MIN_CHECKOUT) < pool.connection_timeout() => {
                 pool.get_timeout(d.max(MIN_CHECKOUT))
@@ -215,14 +216,11 @@ impl<S: Raw> Core<S> {
 
     /// Takes the lock within `limit`. On `Ok(Locked)` a guard must be handed out; on every
     /// other return the connection holds nothing new.
-    pub(crate) fn acquire<M>(
+    pub(crate) fn acquire<M: Manager>(
         &mut self,
         conn: &mut PooledConnection<M>,
         limit: Limit,
-    ) -> Result<Outcome>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Outcome> {
         // Release a leaked guard's lock first, or a session lock would stack a second level
         // on the server that one unlock does not free.
         self.release_leaked(conn);
@@ -296,7 +294,7 @@ impl<S: Raw> Core<S> {
     /// kind's [`send_wait`](ServerWait::send_wait), read by its
     /// [`waited`](ServerWait::waited). A timeout the session got behind pglock's back
     /// (a reload) makes it forget the settings and wait out the rest, lifted.
-    pub(super) fn wait_on_server<M>(
+    pub(super) fn wait_on_server<M: Manager>(
         &mut self,
         conn: &mut PooledConnection<M>,
         limit: Limit,
@@ -304,7 +302,6 @@ impl<S: Raw> Core<S> {
     ) -> Result<Outcome>
     where
         S: ServerWait,
-        M: ManageConnection<Connection = Client>,
     {
         let ms = match limit {
             Limit::For(d) => timeout_ms(&self.spec.key, "timeout", d)?,
@@ -402,10 +399,10 @@ impl<S: Raw> Core<S> {
     /// the connection) and took nothing: a session lock's marker set inside it would be
     /// undone by its rollback while the lock stayed, and a transaction lock's `BEGIN` would
     /// have joined it and committed its work with the lock's. Rolls it back and reports it.
-    pub(super) fn refuse_in_transaction<M>(&mut self, conn: &mut PooledConnection<M>) -> Error
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    pub(super) fn refuse_in_transaction<M: Manager>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+    ) -> Error {
         warn!(
             "lock {}: its connection was inside a transaction before the lock; rolling it back",
             self.spec.key
@@ -420,10 +417,10 @@ impl<S: Raw> Core<S> {
 
     /// Rolls back a transaction the connection came with. Whatever pglock's own statements
     /// did to it is settled with it.
-    pub(super) fn end_stray_transaction<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    pub(super) fn end_stray_transaction<M: Manager>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+    ) -> Result<()> {
         take_aborted_open_transaction(conn);
         self.end_transaction(conn, "left open before the lock")
     }
@@ -445,14 +442,11 @@ impl<S: Raw> Core<S> {
     ///
     /// A wait can be granted just as `lock_timeout`, a cancel or another error ends it:
     /// the kind's [`clean_up`](Raw::clean_up) undoes whatever may have been taken.
-    pub(super) fn failed_acquire<M>(
+    pub(super) fn failed_acquire<M: Manager>(
         &mut self,
         conn: &mut PooledConnection<M>,
         e: postgres::Error,
-    ) -> Error
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Error {
         let failure = self.classify(conn, &e);
         let cleaned = match failure {
             // The session is gone, and everything it held with it.
@@ -515,33 +509,28 @@ impl<S: Raw> Core<S> {
 
     /// Releases the lock however its scope needs: unlock (rolling back a transaction left
     /// open), or roll back the lock's transaction.
-    pub(crate) fn release<M>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    pub(crate) fn release<M: Manager>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        used: bool,
+    ) -> Result<()> {
         self.finish(conn, used, false)
     }
 
     /// Ends a guard: `success` commits a transaction lock (the other kinds release
     /// either way).
-    pub(crate) fn finish<M>(
+    pub(crate) fn finish<M: Manager>(
         &mut self,
         conn: &mut PooledConnection<M>,
         used: bool,
         success: bool,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         S::finish(self, conn, used, success)
     }
 
     /// Releases a lock that was taken but must not be handed out. Never fails: a release
     /// that cannot be confirmed ends the session.
-    fn release_quietly<M>(&mut self, conn: &mut PooledConnection<M>)
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn release_quietly<M: Manager>(&mut self, conn: &mut PooledConnection<M>) {
         if let Err(e) = self.release(conn, false) {
             debug!("lock {}: release of an unwanted lock: {e}", self.spec.key);
         }
@@ -549,10 +538,7 @@ impl<S: Raw> Core<S> {
 
     /// Releases the lock of a guard leaked with `mem::forget`, if there is one: before the
     /// next acquisition, and before the connection leaves the lock.
-    pub(crate) fn release_leaked<M>(&mut self, conn: &mut PooledConnection<M>)
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    pub(crate) fn release_leaked<M: Manager>(&mut self, conn: &mut PooledConnection<M>) {
         if self.held {
             if let Err(e) = self.release(conn, true) {
                 warn!("{e}");
@@ -581,32 +567,37 @@ impl<S: Raw> Core<S> {
 
     /// Releases with `unlock`, a statement whose row says whether every unlock returned
     /// true (`#` and a marker: another client's server session, where nothing was
-    /// touched) and whether a transaction was open. A failed transaction the critical
-    /// section left open is rolled back and the release runs again; a healthy one is
-    /// rolled back after the release (session locks ignore the rollback), with
-    /// `after_rollback` in the same batch, and reported as [`Error::TransactionLeftOpen`].
-    /// A statement cancelled (a `statement_timeout` the critical section set, a late
-    /// cancel request) runs again with the timeout lifted. A release that cannot be
-    /// confirmed ends the session.
-    pub(super) fn release_with(
+    /// touched) and whether a transaction was open, sent by `send` (lifting the session's
+    /// timeouts when asked). A failed transaction the critical section left open is rolled
+    /// back and the release runs again (an error, if pglock's own `EXECUTE` made it fail:
+    /// it was healthy, and its work is lost); a healthy one is rolled back after the
+    /// release (session locks ignore the rollback), with `after_rollback` in the same
+    /// batch, and reported as [`Error::TransactionLeftOpen`]. A statement cancelled (a
+    /// `statement_timeout` the critical section set, a late cancel request) runs again,
+    /// lifted. A release that cannot be confirmed ends the session.
+    pub(super) fn release_with<M: Manager>(
         &mut self,
-        client: &mut Client,
-        unlock: &str,
+        conn: &mut PooledConnection<M>,
+        mut lift: bool,
         after_rollback: &str,
+        mut send: impl FnMut(&mut Self, &mut PooledConnection<M>, bool) -> Result<Row, postgres::Error>,
     ) -> Result<()> {
         let mut retried = false;
-        let mut lift = false;
+        let mut left_open = false;
         loop {
-            let sql = if lift {
-                format!("SET LOCAL statement_timeout = 0; {unlock}")
-            } else {
-                unlock.to_owned()
-            };
-            let error = match simple(client, &sql) {
-                Ok(rows) => return self.released(client, &last(rows), after_rollback),
+            let error = match send(self, conn, lift) {
+                Ok(row) => {
+                    let released = self.released(conn, &row, after_rollback);
+                    if left_open && released.is_ok() {
+                        return Err(Error::TransactionLeftOpen {
+                            key: self.spec.key.clone(),
+                        });
+                    }
+                    return released;
+                }
                 Err(e) => e,
             };
-            match self.classify(client, &error) {
+            match self.classify(conn, &error) {
                 Failure::Closed => {
                     warn!(
                         "lock {} was lost: its session ended ({})",
@@ -618,8 +609,10 @@ impl<S: Raw> Core<S> {
                 Failure::InFailedTransaction if !retried => {
                     // A failed transaction left open: its work failed with an error the
                     // caller saw. End it, then release.
+                    left_open = take_aborted_open_transaction(conn);
                     retried = true;
-                    self.end_transaction(client, "of a failed transaction left open")?;
+                    lift = true;
+                    self.end_transaction(conn, "of a failed transaction left open")?;
                 }
                 Failure::Canceled if !retried => {
                     retried = true;
@@ -631,26 +624,40 @@ impl<S: Raw> Core<S> {
                         self.spec.key,
                         describe(&error)
                     );
-                    self.end_session(client, "its unlock failed");
+                    self.end_session(conn, "its unlock failed");
                     return Err(self.database("unlock", error));
                 }
             }
         }
     }
 
+    /// [`release_with`](Self::release_with) a statement sent as it is, or after
+    /// `SET LOCAL statement_timeout = 0` when lifted.
+    pub(super) fn release_plain<M: Manager>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        unlock: &str,
+        after_rollback: &str,
+    ) -> Result<()> {
+        self.release_with(conn, false, after_rollback, |_, conn, lift| {
+            let sql = if lift {
+                format!("SET LOCAL statement_timeout = 0; {unlock}")
+            } else {
+                unlock.to_owned()
+            };
+            Ok(last(simple(conn, &sql)?))
+        })
+    }
+
     /// Reads the row of [`release_with`](Self::release_with)'s statement.
     fn released(&mut self, client: &mut Client, row: &Row, after_rollback: &str) -> Result<()> {
-        let unlocked = match super::coord_sql::reply(col(row, 0)) {
-            super::coord_sql::Reply::Done(answer) => truthy(answer),
+        let unlocked = match reply(col(row, 0)) {
+            Reply::Done(answer) => truthy(answer),
             // Another client's server session: nothing was touched there, and ours is out
             // of reach.
-            shared => {
-                let other = match shared {
-                    super::coord_sql::Reply::Shared(other) => other,
-                    _ => "",
-                };
-                return Err(self.shared_session(Some(other)));
-            }
+            Reply::Shared(other) => return Err(self.shared_session(Some(other))),
+            // (Not an answer an unlock gives.)
+            Reply::InTransaction => false,
         };
         if truthy(col(row, 1)) {
             warn!(

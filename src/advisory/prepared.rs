@@ -6,10 +6,9 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use log::debug;
-use postgres::Client;
-use r2d2::{ManageConnection, PooledConnection};
+use r2d2::PooledConnection;
 
-use super::engine::Spec;
+use super::engine::{Manager, Spec};
 use super::reply::{simple, Row};
 use super::sql::{self, Args};
 use crate::wait;
@@ -76,10 +75,7 @@ struct Prepared {
 
 /// Takes the flag that says pglock's own failed `EXECUTE` aborted a transaction the
 /// critical section had left open (healthy until then).
-pub(super) fn take_aborted_open_transaction<M>(conn: &mut PooledConnection<M>) -> bool
-where
-    M: ManageConnection<Connection = Client>,
-{
+pub(super) fn take_aborted_open_transaction<M: Manager>(conn: &mut PooledConnection<M>) -> bool {
     PooledConnection::extensions_mut(conn)
         .get_mut::<Prepared>()
         .is_some_and(|p| std::mem::take(&mut p.aborted_open_transaction))
@@ -88,15 +84,12 @@ where
 /// Runs a prepared session statement; the first use on a connection prepares it in the
 /// same round trip. Falls back to the same statement unprepared where prepared ones do
 /// not work.
-pub(super) fn run_prepared<M>(
+pub(super) fn run_prepared<M: Manager>(
     conn: &mut PooledConnection<M>,
     which: Statement,
     spec: &Spec,
     ms: Option<u32>,
-) -> Result<Vec<Row>, postgres::Error>
-where
-    M: ManageConnection<Connection = Client>,
-{
+) -> Result<Vec<Row>, postgres::Error> {
     let (mode, key, token) = (spec.options.mode, &spec.key, spec.token.as_str());
     let unprepared = || match which {
         Statement::Try => sql::session_try(mode, key, Args::Literals, token, false),

@@ -25,10 +25,11 @@ pub(crate) mod sealed {
     use std::time::Instant;
 
     use postgres::Client;
-    use r2d2::{ManageConnection, PooledConnection};
+    use r2d2::PooledConnection;
 
-    use crate::advisory::engine::Core;
+    use crate::advisory::engine::{Core, Manager};
     use crate::advisory::reply::Row;
+    use crate::advisory::sql;
     use crate::error::Failure;
     use crate::wait::{Limit, Outcome};
     use crate::{LockKey, Result};
@@ -43,47 +44,49 @@ pub(crate) mod sealed {
         const NAME: &'static str;
 
         /// The session marker a lock of this kind sets (or what precedes the `@` of the
-        /// markers it sets), from its per-lock prefix and its key.
-        fn token(prefix: &str, key: &LockKey) -> String;
+        /// markers it sets), from its per-lock prefix and its key: by default the prefix,
+        /// `@` and the key (see the session marker in `sql.rs`).
+        fn token(prefix: &str, key: &LockKey) -> String {
+            format!("{prefix}@{}", sql::tx_marker(key))
+        }
 
         /// One non-blocking try: whether it locked.
-        fn try_once<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool>
-        where
-            M: ManageConnection<Connection = Client>;
+        fn try_once<M: Manager>(
+            core: &mut Core<Self>,
+            conn: &mut PooledConnection<M>,
+        ) -> Result<bool>;
 
         /// A blocking wait within `limit` (never [`Limit::Try`]), begun at `start`.
-        fn wait<M>(
+        fn wait<M: Manager>(
             core: &mut Core<Self>,
             conn: &mut PooledConnection<M>,
             limit: Limit,
             start: Instant,
-        ) -> Result<Outcome>
-        where
-            M: ManageConnection<Connection = Client>;
+        ) -> Result<Outcome>;
 
         /// Undoes whatever a lock statement that failed with `failure` (never
         /// [`Failure::Closed`]) may have taken.
-        fn clean_up<M>(
+        fn clean_up<M: Manager>(
             core: &mut Core<Self>,
             conn: &mut PooledConnection<M>,
             failure: Failure,
-        ) -> Result<()>
-        where
-            M: ManageConnection<Connection = Client>;
+        ) -> Result<()>;
 
         /// Ends a hold (`core.held`): releases it, or for a transaction lock commits
         /// (`success`) or rolls back. `used`: the critical section had the connection.
-        fn finish<M>(
+        fn finish<M: Manager>(
             core: &mut Core<Self>,
             conn: &mut PooledConnection<M>,
             used: bool,
             success: bool,
-        ) -> Result<()>
-        where
-            M: ManageConnection<Connection = Client>;
+        ) -> Result<()>;
 
-        /// Asks the server whether this session holds what a guard holds.
-        fn is_held(core: &mut Core<Self>, client: &mut Client) -> Result<bool>;
+        /// Asks the server whether this session holds what a guard holds: by default the
+        /// lock's key, in its mode.
+        fn is_held(core: &mut Core<Self>, client: &mut Client) -> Result<bool> {
+            let sql = sql::is_held(core.mode(), core.key());
+            core.ask_held(client, &sql)
+        }
 
         /// A fresh connection replaced a dead one: nothing is held or set up on it.
         fn connected(&mut self) {}
@@ -101,23 +104,19 @@ pub(crate) mod sealed {
     pub(crate) trait ServerWait: Raw {
         /// Sends the wait bounded by `ms` milliseconds (0: no bound). When the session's
         /// settings are not known quiet, a batch whose first row is the settings.
-        fn send_wait<M>(
+        fn send_wait<M: Manager>(
             core: &mut Core<Self>,
             conn: &mut PooledConnection<M>,
             ms: u32,
-        ) -> Result<Vec<Row>, postgres::Error>
-        where
-            M: ManageConnection<Connection = Client>;
+        ) -> Result<Vec<Row>, postgres::Error>;
 
         /// Reads the wait's last row: `true` when it locked, `false` when it took nothing
         /// (cleaned up); an error when it was refused.
-        fn waited<M>(
+        fn waited<M: Manager>(
             core: &mut Core<Self>,
             conn: &mut PooledConnection<M>,
             row: &Row,
-        ) -> Result<bool>
-        where
-            M: ManageConnection<Connection = Client>;
+        ) -> Result<bool>;
     }
 
     /// Kinds whose guards `unlock` (all but a transaction lock, which commits or rolls

@@ -11,7 +11,7 @@ use r2d2::{ManageConnection, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::coord_sql as sql;
-use super::engine::Core;
+use super::engine::{Core, Manager};
 use super::raw::sealed::{Raw, Unlocks};
 use super::reply::{col, last, simple};
 use super::{AdvisoryGuard, AdvisoryLock, OwnedAdvisoryGuard};
@@ -333,15 +333,12 @@ impl Slots {
 
     /// Waits for a release's notification (or the periodic recheck) and tries again,
     /// until a slot is taken or `limit` passes.
-    fn wait_for_notification<M>(
+    fn wait_for_notification<M: Manager>(
         core: &mut Core<Slots>,
         conn: &mut PooledConnection<M>,
         limit: Limit,
         start: Instant,
-    ) -> Result<Outcome>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Outcome> {
         if !core.raw.listening {
             // Its own round trip: LISTEN takes effect when its transaction commits, so in
             // the try's batch a release between the try and the commit would go unheard.
@@ -416,10 +413,7 @@ impl Raw for Slots {
         prefix.to_owned()
     }
 
-    fn try_once<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn try_once<M: Manager>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool> {
         let slots = &mut core.raw;
         let start = (wait::next_random(&mut slots.rng) % u64::from(slots.permits)) as u32;
         let statement = sql::semaphore_try(slots.base, slots.permits, start, &core.spec.token);
@@ -444,27 +438,21 @@ impl Raw for Slots {
         }
     }
 
-    fn wait<M>(
+    fn wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         limit: Limit,
         start: Instant,
-    ) -> Result<Outcome>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Outcome> {
         // The server cannot wait for "any one of N locks": wait for a notification.
         Self::wait_for_notification(core, conn, limit, start)
     }
 
-    fn clean_up<M>(
+    fn clean_up<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         failure: Failure,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         core.raw.held = None;
         if failure == Failure::InFailedTransaction {
             // The connection came inside a failed transaction: nothing ran. End it.
@@ -474,22 +462,19 @@ impl Raw for Slots {
         core.release_taken_with(conn, &cleanup)
     }
 
-    fn finish<M>(
+    fn finish<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         _used: bool,
         _success: bool,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         let held = std::mem::take(&mut core.held);
         let (Some(slot), true) = (core.raw.held.take(), held) else {
             return Ok(());
         };
         let unlock = sql::semaphore_unlock(core.raw.base, slot, &core.spec.token);
         let after_rollback = sql::semaphore_after_rollback(core.raw.base, &core.spec.token);
-        let result = core.release_with(conn, &unlock, &after_rollback);
+        let result = core.release_plain(conn, &unlock, &after_rollback);
         if result.is_ok() {
             debug!("semaphore {}: released slot {slot}", core.key());
         }

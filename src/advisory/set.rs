@@ -6,7 +6,7 @@ use r2d2::{ManageConnection, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::coord_sql as sql;
-use super::engine::Core;
+use super::engine::{Core, Manager};
 use super::raw::sealed::{Raw, ServerWait, Unlocks};
 use super::reply::{col, last, simple, Row};
 use super::{AdvisoryGuard, AdvisoryLock, OwnedAdvisoryGuard};
@@ -258,10 +258,7 @@ impl Raw for KeySet {
         prefix.to_owned()
     }
 
-    fn try_once<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn try_once<M: Manager>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool> {
         let row = match simple(conn, &sql::set_try(&core.raw.keys, &core.spec.token)) {
             Ok(rows) => last(rows),
             Err(e) => return Err(core.failed_acquire(conn, e)),
@@ -280,26 +277,20 @@ impl Raw for KeySet {
         }
     }
 
-    fn wait<M>(
+    fn wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         limit: Limit,
         start: std::time::Instant,
-    ) -> Result<Outcome>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Outcome> {
         core.wait_on_server(conn, limit, start)
     }
 
-    fn clean_up<M>(
+    fn clean_up<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         failure: Failure,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         if failure == Failure::InFailedTransaction {
             // The connection came inside a failed transaction: nothing ran. End it.
             return core.end_stray_transaction(conn);
@@ -309,21 +300,18 @@ impl Raw for KeySet {
         core.release_taken_with(conn, &cleanup)
     }
 
-    fn finish<M>(
+    fn finish<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         _used: bool,
         _success: bool,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         if !std::mem::take(&mut core.held) {
             return Ok(());
         }
         let unlock = sql::set_unlock(&core.raw.keys, &core.spec.token);
         let after_rollback = sql::clear_marker(&core.spec.token);
-        core.release_with(conn, &unlock, &after_rollback)
+        core.release_plain(conn, &unlock, &after_rollback)
     }
 
     fn is_held(core: &mut Core<Self>, client: &mut Client) -> Result<bool> {
@@ -335,22 +323,20 @@ impl Raw for KeySet {
 impl ServerWait for KeySet {
     /// Each key in turn, in one batch that lifts the session's timeouts and reads them
     /// first.
-    fn send_wait<M>(
+    fn send_wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         ms: u32,
-    ) -> Result<Vec<Row>, postgres::Error>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Vec<Row>, postgres::Error> {
         let wait = sql::set_wait(&core.raw.keys, ms, &core.spec.token);
         simple(conn, &super::sql::guarded(&wait))
     }
 
-    fn waited<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>, row: &Row) -> Result<bool>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn waited<M: Manager>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        row: &Row,
+    ) -> Result<bool> {
         match sql::reply(col(row, 0)) {
             sql::Reply::Done(answer) if sql::set_waited(answer) => Ok(true),
             sql::Reply::Done(_) => {

@@ -7,16 +7,15 @@
 use std::time::Instant;
 
 use log::{debug, warn};
-use postgres::Client;
-use r2d2::{ManageConnection, PooledConnection};
+use r2d2::PooledConnection;
 
-use super::engine::Core;
+use super::engine::{Core, Manager};
 use super::raw::sealed::{OneKey, Raw, ServerWait};
 use super::reply::{col, last, simple, truthy, Row};
 use super::sql;
 use crate::error::{describe, Failure};
 use crate::wait::{Limit, Outcome};
-use crate::{Error, LockKey, LostReason, Result};
+use crate::{Error, LostReason, Result};
 
 /// Transaction scope (`pg_advisory_xact_lock`): held until the transaction ends. See
 /// [`TxLock`](crate::TxLock).
@@ -30,14 +29,7 @@ impl Raw for Transaction {
     const KIND: &'static str = "transaction";
     const NAME: &'static str = "TxLock";
 
-    fn token(prefix: &str, key: &LockKey) -> String {
-        format!("{prefix}@{}", sql::tx_marker(key))
-    }
-
-    fn try_once<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn try_once<M: Manager>(core: &mut Core<Self>, conn: &mut PooledConnection<M>) -> Result<bool> {
         let learn = core.settings.is_none();
         let row = match simple(conn, &sql::tx_try(core.mode(), core.key(), learn)) {
             Ok(rows) => last(rows),
@@ -60,35 +52,30 @@ impl Raw for Transaction {
         Ok(false)
     }
 
-    fn wait<M>(
+    fn wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         limit: Limit,
         start: Instant,
-    ) -> Result<Outcome>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Outcome> {
         core.wait_on_server(conn, limit, start)
     }
 
-    fn clean_up<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>, _: Failure) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn clean_up<M: Manager>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        _: Failure,
+    ) -> Result<()> {
         // The failed batch left its transaction open (aborted): end it.
         core.end_transaction(conn, "after a failed lock")
     }
 
-    fn finish<M>(
+    fn finish<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         used: bool,
         success: bool,
-    ) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<()> {
         let result = if success {
             core.commit(conn, used)
         } else {
@@ -99,22 +86,14 @@ impl Raw for Transaction {
         }
         result
     }
-
-    fn is_held(core: &mut Core<Self>, client: &mut Client) -> Result<bool> {
-        let sql = sql::is_held(core.mode(), core.key());
-        core.ask_held(client, &sql)
-    }
 }
 
 impl ServerWait for Transaction {
-    fn send_wait<M>(
+    fn send_wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
         ms: u32,
-    ) -> Result<Vec<Row>, postgres::Error>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    ) -> Result<Vec<Row>, postgres::Error> {
         // One that leaves lock_timeout alone if it already has the wanted value, one that
         // sets it, or a batch that lifts the session's timeouts.
         let how = match core.settings {
@@ -126,10 +105,11 @@ impl ServerWait for Transaction {
         simple(conn, &format!("{}{wait}", sql::wait_comment(core.key())))
     }
 
-    fn waited<M>(core: &mut Core<Self>, conn: &mut PooledConnection<M>, row: &Row) -> Result<bool>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn waited<M: Manager>(
+        core: &mut Core<Self>,
+        conn: &mut PooledConnection<M>,
+        row: &Row,
+    ) -> Result<bool> {
         if col(row, 0) == Some(sql::IN_TRANSACTION) {
             return Err(core.refuse_in_transaction(conn));
         }
@@ -144,10 +124,7 @@ impl Core<Transaction> {
     /// A transaction lock found its server session holding the key for another client's
     /// session lock (a transaction-mode pooler in between): taking it would be a second
     /// grant. Ends the transaction it began and reports the other client's marker.
-    fn refuse_shared_tx<M>(&mut self, conn: &mut PooledConnection<M>) -> Error
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn refuse_shared_tx<M: Manager>(&mut self, conn: &mut PooledConnection<M>) -> Error {
         match simple(conn, &sql::tx_refuse_shared()) {
             Ok(rows) => self.shared_session(col(&last(rows), 0)),
             Err(e) => match self.end_transaction(conn, "after a refused lock") {
@@ -159,10 +136,7 @@ impl Core<Transaction> {
 
     /// Commits the lock's transaction, which ends the transaction lock. The check that the
     /// transaction is still the lock's runs in SQL before `COMMIT`.
-    fn commit<M>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn commit<M: Manager>(&mut self, conn: &mut PooledConnection<M>, used: bool) -> Result<()> {
         if !self.held {
             return Ok(());
         }
@@ -229,10 +203,7 @@ impl Core<Transaction> {
     }
 
     /// Rolls back the lock's transaction, which ends the transaction lock.
-    fn rollback<M>(&mut self, conn: &mut PooledConnection<M>) -> Result<()>
-    where
-        M: ManageConnection<Connection = Client>,
-    {
+    fn rollback<M: Manager>(&mut self, conn: &mut PooledConnection<M>) -> Result<()> {
         if !self.held {
             return Ok(());
         }
