@@ -49,7 +49,8 @@
 //! | `lock()` | up to [`LockOptions::lock_timeout`] (default: no bound) | [`Error::Timeout`] |
 //! | `with_lock(f)` | like `lock()` | like `lock()`; runs `f` and releases on every path |
 //!
-//! Both are one generic [`AdvisoryLock<S, M>`](AdvisoryLock) over a sealed [`Scope`].
+//! Both are one generic [`AdvisoryLock<S, M>`](AdvisoryLock) over a sealed raw kind
+//! ([`RawAdvisory`]), as are [`AdvisorySemaphore`] and [`LockSet`].
 //! [`lock_owned`](AdvisoryLock::lock_owned) returns a guard that owns the lock and its
 //! connection (`'static + Send`), for a leader that keeps its lock in a struct or a thread;
 //! [`set_key`](AdvisoryLock::set_key) points one lock at another key without a new
@@ -243,9 +244,9 @@ mod options;
 mod wait;
 
 pub use crate::advisory::{
-    AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, KeySet, LockSet, LockSetGuard,
-    OwnedAdvisoryGuard, OwnedLockSetGuard, OwnedSemaphorePermit, OwnedSessionGuard, OwnedTxGuard,
-    RawAdvisory, SemaphorePermit, Session, SessionGuard, SessionLock, Slots, Transaction, TxGuard,
+    AdvisoryGuard, AdvisoryLock, AdvisorySemaphore, LockSet, LockSetGuard, OwnedAdvisoryGuard,
+    OwnedLockSetGuard, OwnedSemaphorePermit, OwnedSessionGuard, OwnedTxGuard, RawAdvisory,
+    RawKeySet, RawSession, RawSlots, RawTx, SemaphorePermit, SessionGuard, SessionLock, TxGuard,
     TxLock, TxSavepoint,
 };
 pub use crate::cancel::CancelHandle;

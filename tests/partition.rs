@@ -206,7 +206,7 @@ fn semaphore_and_lock_set_waits_cut_off_the_network_go_on_on_a_fresh_connection(
     let set_keys = [unique_key!("a"), unique_key!("b")];
     for what in ["AdvisorySemaphore::lock()", "LockSet::lock()"] {
         // Every permit, or one key of the set, held elsewhere.
-        let holder_pool = common::pool(1);
+        let holder_pool = common::pool(2);
         let mut full = AdvisorySemaphore::new(&holder_pool, &name, 1).unwrap();
         let mut one = SessionLock::new(&holder_pool, set_keys[1].clone()).unwrap();
         let semaphore = what.starts_with("Advisory");

@@ -814,21 +814,21 @@ fn marker_prefix() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::advisory::{KeySet, Session};
+    use crate::advisory::{RawKeySet, RawSession};
 
     #[test]
     fn tokens_are_safe_literals() {
-        let spec = Spec::new::<Session>(LockKey::new(1), LockOptions::new()).unwrap();
+        let spec = Spec::new::<RawSession>(LockKey::new(1), LockOptions::new()).unwrap();
         assert!(spec
             .token
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || ":@,-".contains(c)));
         assert!(spec.token.ends_with("@1"), "{}", spec.token);
-        let pair = Spec::new::<Session>(LockKey::pair(-1, 2), LockOptions::new()).unwrap();
+        let pair = Spec::new::<RawSession>(LockKey::pair(-1, 2), LockOptions::new()).unwrap();
         assert!(pair.token.ends_with("@-1,2"), "{}", pair.token);
-        let other = Spec::new::<Session>(LockKey::new(1), LockOptions::new()).unwrap();
+        let other = Spec::new::<RawSession>(LockKey::new(1), LockOptions::new()).unwrap();
         assert_ne!(spec.token, other.token);
-        let set = Spec::new::<KeySet>(LockKey::new(1), LockOptions::new()).unwrap();
+        let set = Spec::new::<RawKeySet>(LockKey::new(1), LockOptions::new()).unwrap();
         assert!(!set.token.contains('@'), "{}", set.token);
     }
 }

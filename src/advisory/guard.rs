@@ -14,7 +14,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::engine::Core;
 use super::raw::sealed::Unlocks;
-use super::{RawAdvisory, Transaction};
+use super::{RawAdvisory, RawTx};
 use crate::{LockKey, Result};
 
 /// Holds an advisory lock; releases it when dropped: [`SessionGuard`](crate::SessionGuard)
@@ -161,7 +161,7 @@ where
     }
 }
 
-impl<M> AdvisoryGuard<'_, Transaction, M>
+impl<M> AdvisoryGuard<'_, RawTx, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -398,7 +398,7 @@ where
     }
 }
 
-impl<M> OwnedAdvisoryGuard<Transaction, M>
+impl<M> OwnedAdvisoryGuard<RawTx, M>
 where
     M: ManageConnection<Connection = Client>,
 {

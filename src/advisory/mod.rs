@@ -2,9 +2,9 @@
 //!
 //! One generic lock, [`AdvisoryLock<S, M>`](AdvisoryLock), and its guards are written once
 //! over a sealed raw kind [`RawAdvisory`] (as `lock_api` builds `Mutex<R, T>` over
-//! `RawMutex`). Its four instances: [`SessionLock`] ([`Session`], `session.rs`),
-//! [`TxLock`] ([`Transaction`], `tx.rs`), [`AdvisorySemaphore`] ([`Slots`],
-//! `semaphore.rs`) and [`LockSet`] ([`KeySet`], `set.rs`). What differs between them is
+//! `RawMutex`). Its four instances: [`SessionLock`] ([`RawSession`], `session.rs`),
+//! [`TxLock`] ([`RawTx`], `tx.rs`), [`AdvisorySemaphore`] ([`RawSlots`],
+//! `semaphore.rs`) and [`LockSet`] ([`RawKeySet`], `set.rs`). What differs between them is
 //! the raw trait (`raw.rs`); the engine that sends their statements, waits, and cleans up
 //! after every failure is `engine.rs`; the SQL lives beside its reply decoders in `sql.rs`
 //! (one key) and `coord_sql.rs` (several), replies are read by `reply.rs`, a session
@@ -34,10 +34,10 @@ use self::engine::Core;
 pub use self::guard::{AdvisoryGuard, OwnedAdvisoryGuard, TxSavepoint};
 use self::raw::sealed::OneKey;
 pub use self::raw::RawAdvisory;
-pub use self::semaphore::{AdvisorySemaphore, OwnedSemaphorePermit, SemaphorePermit, Slots};
-pub use self::session::Session;
-pub use self::set::{KeySet, LockSet, LockSetGuard, OwnedLockSetGuard};
-pub use self::tx::Transaction;
+pub use self::semaphore::{AdvisorySemaphore, OwnedSemaphorePermit, RawSlots, SemaphorePermit};
+pub use self::session::RawSession;
+pub use self::set::{LockSet, LockSetGuard, OwnedLockSetGuard, RawKeySet};
+pub use self::tx::RawTx;
 use crate::locker::{sealed, Locker};
 use crate::wait::{Limit, Outcome};
 use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMode};
@@ -85,7 +85,7 @@ use crate::{CancelHandle, Error, LockKey, LockMode, LockOptions, Result, WaitMod
 /// # Ok(())
 /// # }
 /// ```
-pub type SessionLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Session, M>;
+pub type SessionLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<RawSession, M>;
 
 /// A transaction-level advisory lock (`pg_advisory_xact_lock`) on one checked-out
 /// connection: the lock and the critical section's work share one transaction.
@@ -127,20 +127,21 @@ pub type SessionLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Sessio
 /// # Ok(())
 /// # }
 /// ```
-pub type TxLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Transaction, M>;
+pub type TxLock<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<RawTx, M>;
 
 /// Holds a [`SessionLock`]; unlocks when dropped. See [`AdvisoryGuard`].
-pub type SessionGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Session, M>;
+pub type SessionGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, RawSession, M>;
 
 /// Holds a [`TxLock`] inside its transaction; rolls back when dropped. See
 /// [`AdvisoryGuard`].
-pub type TxGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Transaction, M>;
+pub type TxGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, RawTx, M>;
 
 /// A [`SessionGuard`] that owns its lock and connection: `'static` and `Send`.
-pub type OwnedSessionGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Session, M>;
+pub type OwnedSessionGuard<M = PostgresConnectionManager<NoTls>> =
+    OwnedAdvisoryGuard<RawSession, M>;
 
 /// A [`TxGuard`] that owns its lock and connection: `'static` and `Send`.
-pub type OwnedTxGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Transaction, M>;
+pub type OwnedTxGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<RawTx, M>;
 
 /// An advisory lock of kind `S` on one checked-out connection: use it as [`SessionLock`],
 /// [`TxLock`], [`AdvisorySemaphore`] or [`LockSet`].

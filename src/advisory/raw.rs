@@ -8,16 +8,16 @@
 //!
 //! | kind | file | holds | waits on the server |
 //! |---|---|---|---|
-//! | [`Session`](super::Session) | `session.rs` | one key, for the session | one statement |
-//! | [`Transaction`](super::Transaction) | `tx.rs` | one key, in its transaction | one statement |
-//! | [`Slots`](super::Slots) | `semaphore.rs` | one of N slot keys | notifications, not a statement |
-//! | [`KeySet`](super::KeySet) | `set.rs` | every key of a set | one batch |
+//! | [`RawSession`](super::RawSession) | `session.rs` | one key, for the session | one statement |
+//! | [`RawTx`](super::RawTx) | `tx.rs` | one key, in its transaction | one statement |
+//! | [`RawSlots`](super::RawSlots) | `semaphore.rs` | one of N slot keys | notifications, not a statement |
+//! | [`RawKeySet`](super::RawKeySet) | `set.rs` | every key of a set | one batch |
 //!
 //! A new kind is an implementation of [`sealed::Raw`], not a copy of the engine.
 
-/// The kind of an advisory lock: [`Session`](crate::Session),
-/// [`Transaction`](crate::Transaction), [`Slots`](crate::Slots) (the slots of an
-/// [`AdvisorySemaphore`](crate::AdvisorySemaphore)) or [`KeySet`](crate::KeySet) (the keys
+/// The kind of an advisory lock: [`RawSession`](crate::RawSession),
+/// [`RawTx`](crate::RawTx), [`RawSlots`](crate::RawSlots) (the slots of an
+/// [`AdvisorySemaphore`](crate::AdvisorySemaphore)) or [`RawKeySet`](crate::RawKeySet) (the keys
 /// of a [`LockSet`](crate::LockSet)). Sealed: these four are all there is.
 pub trait RawAdvisory: sealed::Raw {}
 

@@ -1,5 +1,5 @@
 //! A named counting semaphore on session advisory locks: N slots, each a lock of its own.
-//! The [`Slots`] kind of the advisory engine; the public type is
+//! The [`RawSlots`] kind of the advisory engine; the public type is
 //! [`AdvisorySemaphore`](crate::AdvisorySemaphore).
 
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 /// # Holding a permit
 ///
 /// An `AdvisorySemaphore` is the one advisory engine ([`AdvisoryLock`]) over the
-/// [`Slots`] kind, so it has every call a [`SessionLock`](crate::SessionLock) has
+/// [`RawSlots`] kind, so it has every call a [`SessionLock`](crate::SessionLock) has
 /// (`try_lock`, `lock`, `try_lock_for`, `with_lock`, `lock_owned`, `try_lock_owned`,
 /// `cancel_handle`, [`Locker`](crate::Locker)), and the same handling of failures: a lost
 /// connection is replaced from the pool within the call's bound, a failed call holds
@@ -83,7 +83,7 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 /// - The semaphore stays subscribed to its channel while it lives (`UNLISTEN` when it is
 ///   dropped); notifications may queue on the connection while a permit is held, and are
 ///   discarded.
-/// - [`WaitMode::Poll`] polls with jittered backoff instead and never listens.
+/// - [`WaitMode::Poll`](crate::WaitMode::Poll) polls with jittered backoff instead and never listens.
 /// - A notification needs a session that receives it: through a transaction-mode pooler
 ///   neither session locks nor `LISTEN` work. Connect directly or in session mode. Like
 ///   [`SessionLock`](crate::SessionLock), the semaphore marks the server session its slot
@@ -123,20 +123,21 @@ const CANCEL_SLICE: Duration = Duration::from_millis(20);
 /// # Ok(())
 /// # }
 /// ```
-pub type AdvisorySemaphore<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<Slots, M>;
+pub type AdvisorySemaphore<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<RawSlots, M>;
 
 /// A permit of an [`AdvisorySemaphore`]: holds one slot; releases it (and wakes the
 /// waiters) when dropped. See [`AdvisoryGuard`]; [`slot`](AdvisoryGuard::slot) tells
 /// which slot.
-pub type SemaphorePermit<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, Slots, M>;
+pub type SemaphorePermit<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, RawSlots, M>;
 
 /// A [`SemaphorePermit`] that owns its semaphore and connection: `'static` and `Send`.
-pub type OwnedSemaphorePermit<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<Slots, M>;
+pub type OwnedSemaphorePermit<M = PostgresConnectionManager<NoTls>> =
+    OwnedAdvisoryGuard<RawSlots, M>;
 
 /// The slots of an [`AdvisorySemaphore`]: the advisory kind that holds one of N slot keys
 /// and waits for a release's notification. Sealed; see [`RawAdvisory`](crate::RawAdvisory).
 #[derive(Debug, Clone)]
-pub struct Slots {
+pub struct RawSlots {
     base: i32,
     permits: u32,
     /// The slot a permit holds (or a leaked permit held).
@@ -153,7 +154,7 @@ impl AdvisorySemaphore {
     pub const MAX_PERMITS: u32 = MAX_PERMITS;
 }
 
-impl<M> AdvisoryLock<Slots, M>
+impl<M> AdvisoryLock<RawSlots, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -187,7 +188,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] as for [`new`](AdvisoryLock::<Slots, M>::new), for an
+    /// [`Error::InvalidArgument`] as for [`new`](AdvisorySemaphore::new), for an
     /// option out of PostgreSQL's range, or for [`LockMode::Shared`]; [`Error::Pool`] if no
     /// connection could be checked out.
     ///
@@ -210,7 +211,7 @@ where
         permits: u32,
         options: LockOptions,
     ) -> Result<Self> {
-        let (key, slots) = Slots::new(name, permits, &options)?;
+        let (key, slots) = RawSlots::new(name, permits, &options)?;
         Self::checked_out(pool, Core::new(key, options, slots)?)
     }
 
@@ -220,7 +221,7 @@ where
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] as for
-    /// [`with_options`](AdvisoryLock::<Slots, M>::with_options).
+    /// [`with_options`](AdvisorySemaphore::with_options).
     ///
     /// # Examples
     ///
@@ -238,7 +239,7 @@ where
         permits: u32,
         options: LockOptions,
     ) -> Result<Self> {
-        let (key, slots) = Slots::new(name, permits, &options)?;
+        let (key, slots) = RawSlots::new(name, permits, &options)?;
         Ok(Self::on_connection(conn, Core::new(key, options, slots)?))
     }
 
@@ -261,7 +262,7 @@ where
     }
 }
 
-impl<M> AdvisoryGuard<'_, Slots, M>
+impl<M> AdvisoryGuard<'_, RawSlots, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -278,7 +279,7 @@ where
     }
 }
 
-impl<M> OwnedAdvisoryGuard<Slots, M>
+impl<M> OwnedAdvisoryGuard<RawSlots, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -295,9 +296,9 @@ where
     }
 }
 
-impl Slots {
+impl RawSlots {
     /// Slot 0's key labelled with the name (what errors name), and the slots.
-    fn new(name: &str, permits: u32, options: &LockOptions) -> Result<(LockKey, Slots)> {
+    fn new(name: &str, permits: u32, options: &LockOptions) -> Result<(LockKey, RawSlots)> {
         let base = sql::semaphore_base(name);
         let key = sql::slot_key(base, 0).labelled(name);
         let invalid = |message: String| Error::InvalidArgument {
@@ -317,7 +318,7 @@ impl Slots {
                 "a semaphore's slots are exclusive; LockMode::Shared makes no sense here".into(),
             ));
         }
-        let slots = Slots {
+        let slots = RawSlots {
             base,
             permits,
             held: None,
@@ -334,7 +335,7 @@ impl Slots {
     /// Waits for a release's notification (or the periodic recheck) and tries again,
     /// until a slot is taken or `limit` passes.
     fn wait_for_notification<M: Manager>(
-        core: &mut Core<Slots>,
+        core: &mut Core<RawSlots>,
         conn: &mut PooledConnection<M>,
         limit: Limit,
         start: Instant,
@@ -374,7 +375,7 @@ impl Slots {
 
     /// Sleeps for at most `recheck`, until a notification comes or the lock is cancelled.
     fn sleep_until_notified(
-        core: &Core<Slots>,
+        core: &Core<RawSlots>,
         conn: &mut Client,
         recheck: Duration,
     ) -> std::result::Result<(), Wake> {
@@ -401,10 +402,10 @@ enum Wake {
     Failed(postgres::Error),
 }
 
-impl super::RawAdvisory for Slots {}
-impl Unlocks for Slots {}
+impl super::RawAdvisory for RawSlots {}
+impl Unlocks for RawSlots {}
 
-impl Raw for Slots {
+impl Raw for RawSlots {
     const KIND: &'static str = "semaphore";
     const NAME: &'static str = "AdvisorySemaphore";
 

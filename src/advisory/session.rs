@@ -22,13 +22,13 @@ use crate::Result;
 /// Session scope (`pg_advisory_lock`): held until unlocked or until the session ends.
 /// See [`SessionLock`](crate::SessionLock).
 #[derive(Debug, Default, Clone)]
-pub struct Session(());
+pub struct RawSession(());
 
-impl super::RawAdvisory for Session {}
-impl OneKey for Session {}
-impl Unlocks for Session {}
+impl super::RawAdvisory for RawSession {}
+impl OneKey for RawSession {}
+impl Unlocks for RawSession {}
 
-impl Raw for Session {
+impl Raw for RawSession {
     const KIND: &'static str = "session";
     const NAME: &'static str = "SessionLock";
 
@@ -97,7 +97,7 @@ impl Raw for Session {
     }
 }
 
-impl ServerWait for Session {
+impl ServerWait for RawSession {
     fn send_wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
@@ -134,7 +134,7 @@ impl ServerWait for Session {
     }
 }
 
-impl Core<Session> {
+impl Core<RawSession> {
     /// Releases the session lock if a failed wait took it after all.
     fn release_taken<M: Manager>(&mut self, conn: &mut PooledConnection<M>) -> Result<()> {
         let sql = sql::release_taken(self.spec.options.mode, &self.spec.key);

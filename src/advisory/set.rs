@@ -1,4 +1,4 @@
-//! Several session advisory locks on one session, taken all or nothing: the [`KeySet`]
+//! Several session advisory locks on one session, taken all or nothing: the [`RawKeySet`]
 //! kind of the advisory engine; the public type is [`LockSet`](crate::LockSet).
 
 use postgres::{Client, NoTls};
@@ -33,12 +33,12 @@ const MAX_KEYS: usize = 256;
 ///   waits for a later key it holds the earlier ones (that is what makes the order
 ///   deadlock-free), so it can delay other sessions that need only those. If the bound
 ///   passes, or the wait fails or is cancelled, it releases whatever it took, and the
-///   error leaves nothing held. With [`WaitMode::Poll`] it polls `try_lock` instead and
+///   error leaves nothing held. With [`WaitMode::Poll`](crate::WaitMode::Poll) it polls `try_lock` instead and
 ///   holds nothing while it waits.
 /// - The guard, a [`LockSetGuard`], derefs to the connection like the advisory locks'
 ///   guards; dropping it releases every key in one statement.
 ///
-/// A `LockSet` is the one advisory engine ([`AdvisoryLock`]) over the [`KeySet`] kind, so
+/// A `LockSet` is the one advisory engine ([`AdvisoryLock`]) over the [`RawKeySet`] kind, so
 /// it has every call and every failure handling a [`SessionLock`](crate::SessionLock) has
 /// (owned guards, [`Locker`](crate::Locker), retry on a fresh connection, cancellation).
 ///
@@ -70,19 +70,19 @@ const MAX_KEYS: usize = 256;
 /// # Ok(())
 /// # }
 /// ```
-pub type LockSet<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<KeySet, M>;
+pub type LockSet<M = PostgresConnectionManager<NoTls>> = AdvisoryLock<RawKeySet, M>;
 
 /// Holds every key of a [`LockSet`]; releases them all when dropped. See
 /// [`AdvisoryGuard`]; [`keys`](AdvisoryGuard::keys) lists them.
-pub type LockSetGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, KeySet, M>;
+pub type LockSetGuard<'a, M = PostgresConnectionManager<NoTls>> = AdvisoryGuard<'a, RawKeySet, M>;
 
 /// A [`LockSetGuard`] that owns its set and connection: `'static` and `Send`.
-pub type OwnedLockSetGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<KeySet, M>;
+pub type OwnedLockSetGuard<M = PostgresConnectionManager<NoTls>> = OwnedAdvisoryGuard<RawKeySet, M>;
 
 /// The keys of a [`LockSet`]: the advisory kind that holds every key of a set, taken in
 /// one canonical order. Sealed; see [`RawAdvisory`](crate::RawAdvisory).
 #[derive(Debug, Clone)]
-pub struct KeySet {
+pub struct RawKeySet {
     /// In canonical order, without duplicates, never empty.
     keys: Vec<LockKey>,
 }
@@ -93,7 +93,7 @@ impl LockSet {
     pub const MAX_KEYS: usize = MAX_KEYS;
 }
 
-impl<M> AdvisoryLock<KeySet, M>
+impl<M> AdvisoryLock<RawKeySet, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -132,7 +132,7 @@ where
     ///
     /// # Errors
     ///
-    /// As for [`new`](AdvisoryLock::<KeySet, M>::new); also [`Error::InvalidArgument`] for
+    /// As for [`new`](LockSet::new); also [`Error::InvalidArgument`] for
     /// an option out of PostgreSQL's range, or for [`LockMode::Shared`] (sets are
     /// exclusive).
     ///
@@ -154,7 +154,7 @@ where
         keys: impl IntoIterator<Item = K>,
         options: LockOptions,
     ) -> Result<Self> {
-        let (key, set) = KeySet::new(keys.into_iter().map(Into::into).collect(), &options)?;
+        let (key, set) = RawKeySet::new(keys.into_iter().map(Into::into).collect(), &options)?;
         Self::checked_out(pool, Core::new(key, options, set)?)
     }
 
@@ -163,7 +163,7 @@ where
     ///
     /// # Errors
     ///
-    /// As for [`with_options`](AdvisoryLock::<KeySet, M>::with_options).
+    /// As for [`with_options`](LockSet::with_options).
     ///
     /// # Examples
     ///
@@ -179,7 +179,7 @@ where
         keys: impl IntoIterator<Item = K>,
         options: LockOptions,
     ) -> Result<Self> {
-        let (key, set) = KeySet::new(keys.into_iter().map(Into::into).collect(), &options)?;
+        let (key, set) = RawKeySet::new(keys.into_iter().map(Into::into).collect(), &options)?;
         Ok(Self::on_connection(conn, Core::new(key, options, set)?))
     }
 
@@ -189,7 +189,7 @@ where
     }
 }
 
-impl<M> AdvisoryGuard<'_, KeySet, M>
+impl<M> AdvisoryGuard<'_, RawKeySet, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -199,7 +199,7 @@ where
     }
 }
 
-impl<M> OwnedAdvisoryGuard<KeySet, M>
+impl<M> OwnedAdvisoryGuard<RawKeySet, M>
 where
     M: ManageConnection<Connection = Client>,
 {
@@ -209,9 +209,9 @@ where
     }
 }
 
-impl KeySet {
+impl RawKeySet {
     /// The first key, labelled as the set (what errors name), and the set.
-    fn new(mut keys: Vec<LockKey>, options: &LockOptions) -> Result<(LockKey, KeySet)> {
+    fn new(mut keys: Vec<LockKey>, options: &LockOptions) -> Result<(LockKey, RawKeySet)> {
         let label = format!("lock set of {} keys", keys.len());
         let invalid = |key: &LockKey, message: String| Error::InvalidArgument {
             key: key.clone(),
@@ -241,14 +241,14 @@ impl KeySet {
             ));
         }
         let key = keys[0].clone().labelled(&label);
-        Ok((key, KeySet { keys }))
+        Ok((key, RawKeySet { keys }))
     }
 }
 
-impl super::RawAdvisory for KeySet {}
-impl Unlocks for KeySet {}
+impl super::RawAdvisory for RawKeySet {}
+impl Unlocks for RawKeySet {}
 
-impl Raw for KeySet {
+impl Raw for RawKeySet {
     const KIND: &'static str = "lock_set";
     const NAME: &'static str = "LockSet";
 
@@ -320,7 +320,7 @@ impl Raw for KeySet {
     }
 }
 
-impl ServerWait for KeySet {
+impl ServerWait for RawKeySet {
     /// Each key in turn, in one batch that lifts the session's timeouts and reads them
     /// first.
     fn send_wait<M: Manager>(

@@ -20,12 +20,12 @@ use crate::{Error, LostReason, Result};
 /// Transaction scope (`pg_advisory_xact_lock`): held until the transaction ends. See
 /// [`TxLock`](crate::TxLock).
 #[derive(Debug, Default, Clone)]
-pub struct Transaction(());
+pub struct RawTx(());
 
-impl super::RawAdvisory for Transaction {}
-impl OneKey for Transaction {}
+impl super::RawAdvisory for RawTx {}
+impl OneKey for RawTx {}
 
-impl Raw for Transaction {
+impl Raw for RawTx {
     const KIND: &'static str = "transaction";
     const NAME: &'static str = "TxLock";
 
@@ -88,7 +88,7 @@ impl Raw for Transaction {
     }
 }
 
-impl ServerWait for Transaction {
+impl ServerWait for RawTx {
     fn send_wait<M: Manager>(
         core: &mut Core<Self>,
         conn: &mut PooledConnection<M>,
@@ -120,7 +120,7 @@ impl ServerWait for Transaction {
     }
 }
 
-impl Core<Transaction> {
+impl Core<RawTx> {
     /// A transaction lock found its server session holding the key for another client's
     /// session lock (a transaction-mode pooler in between): taking it would be a second
     /// grant. Ends the transaction it began and reports the other client's marker.
