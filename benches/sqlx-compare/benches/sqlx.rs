@@ -1,7 +1,7 @@
 //! pglock beside sqlx's `PgAdvisoryLock`, the async crate's advisory lock, in one run:
 //!
 //! ```sh
-//! taskset -c 0 ci/with-postgres cargo bench --bench sqlx --features bench-sqlx
+//! taskset -c 0 ci/with-postgres cargo bench -p pglock-sqlx-compare
 //! ```
 //!
 //! - W1: `try_lock` + unlock on random keys.
@@ -15,8 +15,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pglock::r2d2;
+use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{SessionGuard, SessionLock};
-use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection};
 use sqlx::{Connection, Either};
 
@@ -26,7 +27,7 @@ fn url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "DATABASE_URL is not set. Run:\n\n    \
-             taskset -c 0 ci/with-postgres cargo bench --bench sqlx --features bench-sqlx\n"
+             taskset -c 0 ci/with-postgres cargo bench -p pglock-sqlx-compare\n"
         )
     })
 }
