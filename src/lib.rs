@@ -255,7 +255,7 @@
 //! | `pglock_losses_total` | counter | a lock was found lost ([`Error::LockLost`]) |
 //! | `pglock_hold_seconds` | histogram | from lock to release, per release |
 //!
-//! `examples/metrics.rs` serves them to Prometheus.
+//! `recipes/examples/metrics.rs` in the repository serves them to Prometheus.
 //!
 //! # Logging
 //!
