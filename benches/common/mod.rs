@@ -16,7 +16,7 @@ pub fn pool(size: u32, bench: &str) -> Pool {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "DATABASE_URL is not set. Run the benchmarks against a throwaway server:\n\n    \
-             ci/with-postgres cargo bench --bench {bench}\n"
+             ci/with-postgres cargo bench -p pglock-benches --bench {bench}\n"
         )
     });
     let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
