@@ -23,7 +23,7 @@ const LOCK_NAME: &str = "pglock-demo";
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 fn pool(size: u32) -> Result<Pool, Box<dyn Error>> {
-    let url = common::database_url("cargo run --example demo")?;
+    let url = common::database_url("cargo run --example demo");
     let manager = PostgresConnectionManager::new(url.parse()?, NoTls);
     Ok(r2d2::Pool::builder().max_size(size).build(manager)?)
 }

@@ -9,7 +9,7 @@ use pglock::{r2d2, LeaseLock, LeaseOptions, LeaseTable};
 mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = common::database_url("cargo run --example lease")?;
+    let url = common::database_url("cargo run --example lease");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     LeaseTable::default().create(&mut *pool.get()?)?; // once; or its SQL in your migrations
 

@@ -64,7 +64,7 @@ fn migrate(pool: &Pool, replica: usize) -> Result<usize, Box<dyn Error + Send + 
 }
 
 fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
-    let url = common::database_url("cargo run --example migrate")?;
+    let url = common::database_url("cargo run --example migrate");
     let manager = PostgresConnectionManager::new(url.parse()?, NoTls);
     let pool = r2d2::Pool::builder().max_size(4).build(manager)?;
     pool.get()?

@@ -19,7 +19,7 @@ mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let metrics = PrometheusBuilder::new().install_recorder()?;
-    let url = common::database_url("cargo run -p pglock-recipes --example metrics")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example metrics");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     LeaseTable::default().create(&mut *pool.get()?)?;
 

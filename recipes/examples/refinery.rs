@@ -47,7 +47,7 @@ fn migrations() -> Result<Vec<Migration>, refinery::Error> {
 }
 
 fn replica(id: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let url = common::database_url("cargo run -p pglock-recipes --example refinery")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example refinery");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     let mut admin = pool.get()?;
     let (db, schema): (String, String) = {
@@ -98,7 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return replica(id);
         }
     }
-    let url = common::database_url("cargo run -p pglock-recipes --example refinery")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example refinery");
     let mut client = pglock::postgres::Client::connect(&url, NoTls)?;
     client.batch_execute(&format!(
         "DROP TABLE IF EXISTS pglock_example_items, {TABLE}, pglock_example_applied; \
