@@ -129,3 +129,26 @@ pub fn round_trip(conn: &mut Client) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
+
+/// Releases the workers waiting on `barrier` (sized for them and the caller) and returns
+/// how long they took, from the release until the last one ended.
+pub fn run_timed(
+    barrier: &std::sync::Barrier,
+    workers: Vec<std::thread::JoinHandle<()>>,
+) -> Duration {
+    barrier.wait();
+    let start = Instant::now();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    start.elapsed()
+}
+
+/// The value of the contended counter row `key` of `pglock_bench_counter`.
+pub fn counter(pool: &Pool, key: i64) -> i64 {
+    pool.get()
+        .unwrap()
+        .query_one("SELECT n FROM pglock_bench_counter WHERE k = $1", &[&key])
+        .unwrap()
+        .get(0)
+}
