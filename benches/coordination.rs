@@ -2,7 +2,7 @@
 //! the style of `benches/locks.rs`).
 //!
 //! ```sh
-//! taskset -c 0 ci/with-postgres cargo bench --bench coordination
+//! taskset -c 0 ci/with-postgres cargo bench -p pglock-benches --bench coordination
 //! ```
 //!
 //! - S1: uncontended `AdvisorySemaphore::try_lock` + unlock (4 permits). Floors: a

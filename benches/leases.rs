@@ -1,7 +1,7 @@
 //! Lease locks against the raw statements they stand for, in the same run.
 //!
 //! ```sh
-//! taskset -c 0 ci/with-postgres cargo bench --bench leases
+//! taskset -c 0 ci/with-postgres cargo bench -p pglock-benches --bench leases
 //! ```
 //!
 //! - L1: `try_lock` + `unlock` of a free lease, against a careful caller's two raw

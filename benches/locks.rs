@@ -1,7 +1,7 @@
 //! pglock against the raw SQL it stands for, in the same run.
 //!
 //! ```sh
-//! ci/with-postgres cargo bench --bench locks
+//! ci/with-postgres cargo bench -p pglock-benches --bench locks
 //! ```
 //!
 //! Each workload runs beside two floors: the fastest raw SQL a careful caller sends (named

@@ -11,8 +11,10 @@ use std::error::Error;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use pglock::{LockKey, SessionGuard, SessionLock};
-use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+use pglock::{r2d2, LockKey, SessionGuard, SessionLock};
+
+mod common;
 
 const WORKERS: usize = 4;
 const ROUNDS: usize = 3;
@@ -21,8 +23,7 @@ const LOCK_NAME: &str = "pglock-demo";
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 fn pool(size: u32) -> Result<Pool, Box<dyn Error>> {
-    let url = std::env::var("DATABASE_URL")
-        .map_err(|_| "DATABASE_URL is not set; run `ci/with-postgres cargo run --example demo`")?;
+    let url = common::database_url("cargo run --example demo");
     let manager = PostgresConnectionManager::new(url.parse()?, NoTls);
     Ok(r2d2::Pool::builder().max_size(size).build(manager)?)
 }

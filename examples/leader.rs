@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{r2d2, Leader, LockKey};
 
+mod common;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("DATABASE_URL")?;
+    let url = common::database_url("cargo run --example leader");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     let key = LockKey::from_name("pglock-example/report-scheduler");
     let stop = Arc::new(AtomicBool::new(false));

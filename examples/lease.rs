@@ -6,8 +6,10 @@ use std::time::Duration;
 use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{r2d2, LeaseLock, LeaseOptions, LeaseTable};
 
+mod common;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("DATABASE_URL")?;
+    let url = common::database_url("cargo run --example lease");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     LeaseTable::default().create(&mut *pool.get()?)?; // once; or its SQL in your migrations
 

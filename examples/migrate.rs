@@ -15,6 +15,8 @@ use std::thread;
 use pglock::{LockOptions, TxLock};
 use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 
+mod common;
+
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 /// The migrations, in order. Real runners read them from files.
@@ -62,9 +64,7 @@ fn migrate(pool: &Pool, replica: usize) -> Result<usize, Box<dyn Error + Send + 
 }
 
 fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
-    let url = std::env::var("DATABASE_URL").map_err(|_| {
-        "DATABASE_URL is not set; run `ci/with-postgres cargo run --example migrate`"
-    })?;
+    let url = common::database_url("cargo run --example migrate");
     let manager = PostgresConnectionManager::new(url.parse()?, NoTls);
     let pool = r2d2::Pool::builder().max_size(4).build(manager)?;
     pool.get()?

@@ -3,7 +3,9 @@ use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{r2d2, SessionLock};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("DATABASE_URL")?; // e.g. postgres://postgres@localhost/postgres
+    let url = std::env::var("DATABASE_URL").map_err(|_| {
+        "set DATABASE_URL to a PostgreSQL server, e.g. postgres://postgres@localhost/postgres"
+    })?;
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
 
     let mut lock = SessionLock::new(&pool, "nightly-report")?;

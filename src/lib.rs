@@ -11,8 +11,8 @@
 //! [`LockSet`], [`Leader`] election, and [`inspect`] for who holds what.
 //!
 //! ```no_run
-//! use pglock::SessionLock;
-//! use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+//! use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+//! use pglock::{r2d2, SessionLock};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let manager = PostgresConnectionManager::new("host=localhost user=postgres".parse()?, NoTls);
@@ -48,6 +48,70 @@
 //! | `try_lock_for(d)` | at most `d` | `Ok(None)` after `d` |
 //! | `lock()` | up to [`LockOptions::lock_timeout`] (default: no bound) | [`Error::Timeout`] |
 //! | `with_lock(f)` | like `lock()` | like `lock()`; runs `f` and releases on every path |
+//!
+//! The calls at work (every lock kind offers the same ones):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+//! use pglock::{r2d2, Error, LockMode, LockOptions, SessionGuard, SessionLock, TxLock, WaitMode};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let manager = PostgresConnectionManager::new("host=localhost user=app".parse()?, NoTls);
+//! let pool = r2d2::Pool::new(manager)?;
+//!
+//! // Non-blocking: contention is not an error.
+//! let mut lock = SessionLock::new(&pool, "nightly-report")?;
+//! match lock.try_lock()? {
+//!     Some(guard) => SessionGuard::unlock(guard)?, // or let it drop
+//!     None => println!("another host is running the report"),
+//! }
+//!
+//! // Bounded: the server enforces it with lock_timeout, in one round trip.
+//! let options = LockOptions::new().lock_timeout(Duration::from_secs(30));
+//! let mut lock = SessionLock::with_options(&pool, "nightly-report", options)?;
+//! match lock.lock() {
+//!     Ok(_guard) => { /* ... */ }
+//!     Err(Error::Timeout { waited, .. }) => println!("gave up after {waited:?}"),
+//!     Err(e) => return Err(e.into()),
+//! }
+//! if let Some(_guard) = lock.try_lock_for(Duration::from_millis(500))? {
+//!     // held until the end of this block; `Ok(None)` when still busy after 500 ms
+//! }
+//!
+//! // Many keys, one lock: no new checkout, prepared statements reused.
+//! for job in ["job/1", "job/2"] {
+//!     lock.set_key(job)?;
+//!     if let Some(_guard) = lock.try_lock()? { /* run the job */ }
+//! }
+//!
+//! // A guard that owns its lock and connection ('static + Send): keep it in a struct,
+//! // move it to a thread.
+//! let leader = SessionLock::new(&pool, "leader")?.lock_owned()?;
+//! # drop(leader);
+//!
+//! // The lock and the work in one transaction: commit on Ok, roll back on Err or panic.
+//! let mut lock = TxLock::new(&pool, "billing")?;
+//! lock.with_lock(|tx| -> Result<(), Box<dyn std::error::Error>> {
+//!     tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1", &[])?;
+//!     let mut step = tx.transaction()?; // a savepoint, never a second BEGIN
+//!     step.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 2", &[])?;
+//!     step.commit()?;
+//!     Ok(())
+//! })?;
+//!
+//! // Readers and writers; migration runners poll instead of waiting on the server.
+//! let readers = LockOptions::new().mode(LockMode::Shared);
+//! let polling = LockOptions::new().wait_mode(WaitMode::poll());
+//! # let _ = (readers, polling);
+//!
+//! // Give up from another thread (a Ctrl-C handler, a supervisor).
+//! let cancel = lock.cancel_handle();
+//! std::thread::spawn(move || cancel.cancel());
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! Both are one generic [`AdvisoryLock<S, M>`](AdvisoryLock) over a sealed raw kind
 //! ([`RawAdvisory`]), as are [`AdvisorySemaphore`] and [`LockSet`].
@@ -220,7 +284,7 @@
 //! | `pglock_losses_total` | counter | a lock was found lost ([`Error::LockLost`]) |
 //! | `pglock_hold_seconds` | histogram | from lock to release, per release |
 //!
-//! `examples/metrics.rs` serves them to Prometheus.
+//! `recipes/examples/metrics.rs` in the repository serves them to Prometheus.
 //!
 //! # Logging
 //!
@@ -264,3 +328,9 @@ pub use crate::options::{LockMode, LockOptions, WaitMode};
 pub use postgres;
 pub use r2d2;
 pub use r2d2_postgres;
+
+/// The README's Rust examples, compiled by `cargo test --doc` as a user of pglock alone
+/// writes them.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -85,8 +85,8 @@ use std::time::Duration;
 /// ```no_run
 /// use std::time::Duration;
 ///
-/// use pglock::NetworkTimeout;
-/// use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+/// use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
+/// use pglock::{postgres, r2d2, NetworkTimeout};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mut config: postgres::Config = "postgres://app@db.internal/app".parse()?;
@@ -145,12 +145,15 @@ impl NetworkTimeout {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use pglock::NetworkTimeout;
+    /// use pglock::{postgres, NetworkTimeout};
     ///
-    /// let mut config: postgres::Config = "postgres://app@pgbouncer/app".parse().unwrap();
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut config: postgres::Config = "postgres://app@pgbouncer/app".parse()?;
     /// NetworkTimeout::new(Duration::from_secs(10)).client_only().apply(&mut config);
     /// assert_eq!(config.get_options(), None);
     /// assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(10)));
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn client_only(mut self) -> Self {
         self.server = false;
@@ -172,11 +175,10 @@ impl NetworkTimeout {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use pglock::NetworkTimeout;
+    /// use pglock::{postgres, NetworkTimeout};
     ///
-    /// let mut config: postgres::Config = "host=db user=app options='-c search_path=app'"
-    ///     .parse()
-    ///     .unwrap();
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut config: postgres::Config = "host=db user=app options='-c search_path=app'".parse()?;
     /// NetworkTimeout::new(Duration::from_secs(12)).apply(&mut config);
     /// assert_eq!(config.get_keepalives_idle(), Duration::from_secs(2));
     /// assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(2)));
@@ -190,6 +192,8 @@ impl NetworkTimeout {
     ///          -c client_connection_check_interval=2000"
     ///     )
     /// );
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn apply<'a>(&self, config: &'a mut postgres::Config) -> &'a mut postgres::Config {
         let p = self.probes();

@@ -16,7 +16,7 @@ pub fn pool(size: u32, bench: &str) -> Pool {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "DATABASE_URL is not set. Run the benchmarks against a throwaway server:\n\n    \
-             ci/with-postgres cargo bench --bench {bench}\n"
+             ci/with-postgres cargo bench -p pglock-benches --bench {bench}\n"
         )
     });
     let manager = PostgresConnectionManager::new(url.parse().expect("DATABASE_URL"), NoTls);
@@ -128,4 +128,27 @@ pub fn round_trip(conn: &mut Client) -> Duration {
         .collect();
     samples.sort();
     samples[samples.len() / 2]
+}
+
+/// Releases the workers waiting on `barrier` (sized for them and the caller) and returns
+/// how long they took, from the release until the last one ended.
+pub fn run_timed(
+    barrier: &std::sync::Barrier,
+    workers: Vec<std::thread::JoinHandle<()>>,
+) -> Duration {
+    barrier.wait();
+    let start = Instant::now();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    start.elapsed()
+}
+
+/// The value of the contended counter row `key` of `pglock_bench_counter`.
+pub fn counter(pool: &Pool, key: i64) -> i64 {
+    pool.get()
+        .unwrap()
+        .query_one("SELECT n FROM pglock_bench_counter WHERE k = $1", &[&key])
+        .unwrap()
+        .get(0)
 }

@@ -1,7 +1,7 @@
 //! pglock beside sqlx's `PgAdvisoryLock`, the async crate's advisory lock, in one run:
 //!
 //! ```sh
-//! taskset -c 0 ci/with-postgres cargo bench --bench sqlx --features bench-sqlx
+//! taskset -c 0 ci/with-postgres cargo bench -p pglock-sqlx-compare
 //! ```
 //!
 //! - W1: `try_lock` + unlock on random keys.
@@ -15,10 +15,14 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pglock::r2d2;
+use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{SessionGuard, SessionLock};
-use r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection};
 use sqlx::{Connection, Either};
+
+#[path = "../../common/mod.rs"]
+mod common;
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
@@ -26,7 +30,7 @@ fn url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "DATABASE_URL is not set. Run:\n\n    \
-             taskset -c 0 ci/with-postgres cargo bench --bench sqlx --features bench-sqlx\n"
+             taskset -c 0 ci/with-postgres cargo bench -p pglock-sqlx-compare\n"
         )
     })
 }
@@ -221,37 +225,25 @@ fn contend(pool: &Pool, url: &str, key: i64, sqlx: bool) -> (f64, f64, f64) {
                         )
                     };
                     barrier.wait();
-                    loop {
+                    let mut go_on = true;
+                    while go_on {
                         let mut guard = lock.lock().unwrap();
                         entered();
                         let n: i64 = guard.query_one(&read, &[&key]).unwrap().get(0);
                         guard.execute(&write, &[&key, &(n + 1)]).unwrap();
-                        let go_on = more();
+                        go_on = more();
                         mark();
                         SessionGuard::unlock(guard).unwrap();
-                        if !go_on {
-                            break;
-                        }
                     }
                 }
             })
         })
         .collect();
-    barrier.wait();
-    let start = Instant::now();
-    for h in handles {
-        h.join().unwrap();
-    }
-    let elapsed = start.elapsed();
+    let elapsed = common::run_timed(&barrier, handles);
     let sections = done.load(std::sync::atomic::Ordering::SeqCst);
-    let n: i64 = pool
-        .get()
-        .unwrap()
-        .query_one("SELECT n FROM pglock_bench_counter WHERE k = $1", &[&key])
-        .unwrap()
-        .get(0);
     assert_eq!(
-        n as usize, sections,
+        common::counter(pool, key) as usize,
+        sections,
         "lost increments: mutual exclusion failed"
     );
     let mut l = Arc::try_unwrap(latencies).unwrap().into_inner().unwrap();

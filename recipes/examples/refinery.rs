@@ -11,7 +11,7 @@
 //! - refinery reads the applied migrations after the lock is taken, so a replica that
 //!   waited finds nothing left to do.
 //!
-//! Run: `ci/with-postgres cargo run --example refinery`: three replicas (processes)
+//! Run: `ci/with-postgres cargo run -p pglock-recipes --example refinery`: three replicas (processes)
 //! start at once; the program checks that each migration ran exactly once.
 
 use std::process::Command;
@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use pglock::r2d2_postgres::{postgres::NoTls, PostgresConnectionManager};
 use pglock::{inspect, r2d2, LockKey, LockOptions, SessionLock, WaitMode};
+
+#[path = "../../examples/common/mod.rs"]
+mod common;
 use refinery::{Migration, Runner};
 
 const TABLE: &str = "pglock_example_refinery_history";
@@ -44,7 +47,7 @@ fn migrations() -> Result<Vec<Migration>, refinery::Error> {
 }
 
 fn replica(id: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("DATABASE_URL")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example refinery");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     let mut admin = pool.get()?;
     let (db, schema): (String, String) = {
@@ -95,7 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return replica(id);
         }
     }
-    let url = std::env::var("DATABASE_URL")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example refinery");
     let mut client = pglock::postgres::Client::connect(&url, NoTls)?;
     client.batch_execute(&format!(
         "DROP TABLE IF EXISTS pglock_example_items, {TABLE}, pglock_example_applied; \

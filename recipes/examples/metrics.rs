@@ -1,7 +1,7 @@
 //! Serving pglock's metrics to Prometheus: the `metrics` feature feeds the `metrics`
 //! facade; this program installs the Prometheus exporter's recorder (rendering only, no
 //! HTTP stack), takes some locks, and serves `/metrics` over a plain `TcpListener`.
-//! Run: `ci/with-postgres cargo run --example metrics --features metrics`.
+//! Run: `ci/with-postgres cargo run -p pglock-recipes --example metrics`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,9 +14,12 @@ use pglock::{
     TxLock,
 };
 
+#[path = "../../examples/common/mod.rs"]
+mod common;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let metrics = PrometheusBuilder::new().install_recorder()?;
-    let url = std::env::var("DATABASE_URL")?;
+    let url = common::database_url("cargo run -p pglock-recipes --example metrics");
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(url.parse()?, NoTls))?;
     LeaseTable::default().create(&mut *pool.get()?)?;
 
