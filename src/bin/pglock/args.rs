@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::Fail;
+use crate::fail::Fail;
 
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:

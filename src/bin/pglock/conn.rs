@@ -11,7 +11,7 @@ use pglock::r2d2_postgres::PostgresConnectionManager;
 use pglock::NetworkTimeout;
 
 use crate::args::Conn;
-use crate::Fail;
+use crate::fail::{describe_pg, Fail};
 
 /// How long a connection attempt may take when the settings do not say
 /// (`connect_timeout` in the DSN, `PGCONNECT_TIMEOUT`).
@@ -44,7 +44,7 @@ impl Target {
                 Fail::usage(format!(
                     "invalid connection string in {source} ({}): {}",
                     redact_dsn(&text),
-                    crate::describe_pg(&e)
+                    describe_pg(&e)
                 ))
             })?,
             None => config_from_pg_env(|name| std::env::var(name).ok())?,
@@ -98,7 +98,7 @@ impl Target {
                 "cannot connect to {} (from {}): {}",
                 describe(&config),
                 self.source,
-                crate::describe_pg(&e)
+                describe_pg(&e)
             ))
         })?;
         if let Session::Advisory { name, direct } = session {
@@ -235,7 +235,7 @@ fn check_advisory_session(
         Fail::unavailable(format!(
             "cannot check the session at {}: {}",
             describe(config),
-            crate::describe_pg(&e)
+            describe_pg(&e)
         ))
     };
     let row = client
@@ -294,13 +294,13 @@ pub(crate) fn server_encoding(target: &Target) -> Result<String, Fail> {
             "cannot connect to {} (from {}): {}",
             target.describe(),
             target.source,
-            crate::describe_pg(&e)
+            describe_pg(&e)
         ))
     })?;
     client
         .query_one("SELECT current_setting('server_encoding')", &[])
         .map(|row| row.get(0))
-        .map_err(|e| Fail::unavailable(crate::describe_pg(&e)))
+        .map_err(|e| Fail::unavailable(describe_pg(&e)))
 }
 
 /// The pool of the CLI: one connection at a time.
@@ -841,6 +841,6 @@ mod tests {
         assert_eq!(describe(&defaults.unwrap()), "host=localhost user=carol");
 
         let bad = config_from_pg_env(|name| (name == "PGPORT").then(|| "x".to_owned()));
-        assert_eq!(bad.err().map(|f| f.code), Some(crate::EX_USAGE));
+        assert_eq!(bad.err().map(|f| f.code), Some(crate::fail::EX_USAGE));
     }
 }

@@ -8,9 +8,16 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms)]
 
+// Modules depend one way, top to bottom: the commands (run, lease, show) over lock
+// acquisition (acquire), child supervision (child, exec), the connection (conn), and
+// the leaves: formatting (format) and failures (fail).
+mod acquire;
 mod args;
+mod child;
 mod conn;
 mod exec;
+mod fail;
+mod format;
 mod lease;
 mod run;
 mod show;
@@ -21,100 +28,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
-
-/// sysexits' EX_USAGE: the command line (or a name, or a connection string) is wrong.
-pub(crate) const EX_USAGE: u8 = 64;
-/// sysexits' EX_UNAVAILABLE: the database cannot be reached.
-pub(crate) const EX_UNAVAILABLE: u8 = 69;
-/// sysexits' EX_SOFTWARE: any other failure of pglock itself.
-pub(crate) const EX_SOFTWARE: u8 = 70;
-/// The lock was lost while the command ran; the command was terminated.
-pub(crate) const EX_LOCK_LOST: u8 = 75;
-/// `pglock lease heartbeat|release`: the token does not hold the lease any more.
-pub(crate) const EX_STALE_TOKEN: u8 = 76;
-
-/// A failure that ends pglock with `code`, after printing `msg`.
-#[derive(Debug)]
-pub(crate) struct Fail {
-    pub(crate) code: u8,
-    pub(crate) msg: String,
-}
-
-impl Fail {
-    pub(crate) fn usage(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_USAGE,
-            msg: msg.into(),
-        }
-    }
-
-    pub(crate) fn unavailable(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_UNAVAILABLE,
-            msg: msg.into(),
-        }
-    }
-
-    pub(crate) fn internal(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_SOFTWARE,
-            msg: msg.into(),
-        }
-    }
-}
-
-/// The message and SQLSTATE of a `postgres::Error` (its `Display` may say only "db error").
-/// Its sources (an I/O error, a parse error) follow after colons.
-pub(crate) fn describe_pg(e: &pglock::postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        ),
-        None => {
-            let mut out = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !out.ends_with(&text) {
-                    out += &format!(": {text}");
-                }
-                source = s.source();
-            }
-            out
-        }
-    }
-}
-
-/// A `pglock::Error` with its sources, which carry the server's message.
-pub(crate) fn describe_lock_error(e: &pglock::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        match s.downcast_ref::<pglock::postgres::Error>() {
-            Some(pg) => out += &format!(": {}", describe_pg(pg)),
-            None => out += &format!(": {s}"),
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// A lock name from the command line: not empty (an unset shell variable, most likely).
-/// A NUL cannot reach us through `argv`; the library refuses one anyway.
-pub(crate) fn check_name(name: &str) -> Result<(), Fail> {
-    if name.is_empty() {
-        return Err(Fail::usage(
-            "the lock name is empty (an unset shell variable?); give a non-empty NAME",
-        ));
-    }
-    if name.contains('\0') {
-        return Err(Fail::usage("the lock name contains a NUL character"));
-    }
-    Ok(())
-}
+use crate::fail::EX_USAGE;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
