@@ -198,8 +198,13 @@ impl Watched for Held<'_> {
 
 /// Who holds the lease (or the slots of a lease semaphore), read through a connection
 /// of its own: the lock's own may be busy waiting.
-pub(crate) fn holders(target: &Target, plan: &Plan, name: &str, slots: Option<u32>) -> String {
-    let options = LeaseOptions::new().table(plan.table.clone());
+pub(crate) fn holders(
+    target: &Target,
+    table: &LeaseTable,
+    name: &str,
+    slots: Option<u32>,
+) -> String {
+    let options = LeaseOptions::new().table(table.clone());
     let rows = target
         .connect("pglock run (holders)", Session::Lease)
         .ok()
@@ -259,17 +264,17 @@ fn connect(
     subcommand: &str,
     name: &str,
     table_args: &crate::args::TableArgs,
-) -> Result<(Pool, LeaseTable), Fail> {
+) -> Result<(Target, Pool, LeaseTable), Fail> {
     check_name(name)?;
     let table = table(table_args.table.as_deref())?;
     let target = Target::from_env(conn)?;
     let pool = target.connect(&format!("pglock lease {subcommand}"), Session::Lease)?;
     create_table_if_asked(&pool, &table, table_args.create_table)?;
-    Ok((pool, table))
+    Ok((target, pool, table))
 }
 
 fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(conn, "acquire", &args.name, &args.table)?;
+    let (target, pool, table) = connect(conn, "acquire", &args.name, &args.table)?;
     let owner = args
         .owner
         .clone()
@@ -283,13 +288,7 @@ fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
         options = options.data(data.as_bytes());
     }
     let mut lock = LeaseLock::with_options(&pool, &args.name, options).map_err(lock_fail)?;
-    let reader = || {
-        let rows =
-            LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table.clone()))
-                .and_then(|l| l.read())
-                .map(|r| r.into_iter().collect());
-        holders_text(Some(rows))
-    };
+    let reader = || holders(&target, &table, &args.name, None);
     let wait = args.wait.unwrap_or(Duration::ZERO);
     let wanted = Wanted {
         what: format!("lease {}", json_string(&args.name)),
@@ -329,7 +328,7 @@ fn print_token(name: &str, token: i64, expires_in: Duration, json: bool) {
 
 fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8, Fail> {
     let subcommand = if release { "release" } else { "heartbeat" };
-    let (pool, table) = connect(conn, subcommand, &args.name, &args.table)?;
+    let (_, pool, table) = connect(conn, subcommand, &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let stale = || Fail {
@@ -360,7 +359,7 @@ fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8,
 }
 
 fn get_command(conn: &Conn, args: LeaseGetArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(conn, "get", &args.name, &args.table)?;
+    let (_, pool, table) = connect(conn, "get", &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let info = lock.read().map_err(lock_fail)?;

@@ -19,8 +19,10 @@ mod exec;
 mod fail;
 mod format;
 mod lease;
+mod libpq;
 mod run;
 mod show;
+mod tls;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -109,7 +109,7 @@ pub(crate) fn run(conn: &Conn, args: RunArgs) -> Result<u8, Fail> {
         }
         (Some(plan), None) => {
             lease::create_table_if_asked(&pool, &plan.table, args.create_table)?;
-            let holders = || lease::holders(&target, plan, name, None);
+            let holders = || lease::holders(&target, &plan.table, name, None);
             let what = format!("lease {}", json_string(name));
             let wanted = run.wanted(what, false, &holders);
             let mut lock = LeaseLock::with_options(&pool, name, lease::options(plan, &args))
@@ -120,7 +120,7 @@ pub(crate) fn run(conn: &Conn, args: RunArgs) -> Result<u8, Fail> {
         }
         (Some(plan), Some(n)) => {
             lease::create_table_if_asked(&pool, &plan.table, args.create_table)?;
-            let holders = || lease::holders(&target, plan, name, Some(n));
+            let holders = || lease::holders(&target, &plan.table, name, Some(n));
             let what = format!("all {n} slots of lease {}", json_string(name));
             let wanted = run.wanted(what, true, &holders);
             let options = lease::options(plan, &args);
