@@ -27,9 +27,7 @@ mod tls;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use crate::args::{Cli, Command};
+use crate::args::Command;
 use crate::fail::EX_USAGE;
 
 fn main() -> ExitCode {
@@ -38,10 +36,13 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == exec::SUBCOMMAND) {
         exec::trampoline(&argv[2..]);
     }
-    let cli = match Cli::try_parse_from(&argv) {
+    let cli = match args::parse(&argv) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
+            if let Some(hint) = args::hint(&e, &argv) {
+                eprintln!("{hint}");
+            }
             return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
@@ -50,6 +51,12 @@ fn main() -> ExitCode {
         Command::Key { name, slots } => show::key(&name, slots, &cli.conn),
         Command::Lease(command) => lease::command(&cli.conn, command),
         Command::Status { name, json } => show::status(&cli.conn, name.as_deref(), json),
+        Command::Man { command } => show::man(command.as_deref()),
+        Command::Completions { shell } => {
+            let mut cmd = args::command();
+            clap_complete::generate(shell, &mut cmd, "pglock", &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

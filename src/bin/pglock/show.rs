@@ -156,3 +156,25 @@ fn session_json(s: &LockHolder, now: SystemTime) -> Value {
         "query": s.query,
     })
 }
+
+/// `pglock man [COMMAND]`: the manual page, in roff, from the command line's definition.
+pub(crate) fn man(command: Option<&str>) -> Result<u8, Fail> {
+    let mut cmd = crate::args::command();
+    cmd.build();
+    let page = match command {
+        None => cmd,
+        Some(name) => {
+            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| {
+                Fail::usage(format!(
+                    "no command {name:?}: pglock man takes run, key, lease, status, man or \
+                     completions"
+                ))
+            })?;
+            sub.name(format!("pglock-{name}"))
+        }
+    };
+    clap_mangen::Man::new(page)
+        .render(&mut std::io::stdout())
+        .map_err(|e| Fail::internal(format!("cannot write the manual page: {e}")))?;
+    Ok(0)
+}
