@@ -11,6 +11,8 @@ use pglock::{
     SemaphorePermit, SessionGuard, SessionLock,
 };
 
+use postgres_openssl::MakeTlsConnector;
+
 use crate::child::{state, ChildState, Shared};
 use crate::conn::FirstThenConnect;
 use crate::fail::{lock_fail, Fail};
@@ -33,65 +35,32 @@ pub(crate) trait Lockable {
     fn cancel_handle(&self) -> CancelHandle;
 }
 
-impl Lockable for SessionLock<M> {
-    type Held<'a> = SessionGuard<'a, M>;
+/// Every kind has the same calls (`try_lock_for`, `lock`, `cancel_handle`).
+macro_rules! lockable {
+    ($($lock:ident => $held:ident),* $(,)?) => {$(
+        impl Lockable for $lock<M> {
+            type Held<'a> = $held<'a, M>;
 
-    fn take(&mut self, wait: Option<Duration>) -> pglock::Result<Option<Self::Held<'_>>> {
-        match wait {
-            Some(wait) => self.try_lock_for(wait),
-            None => self.lock().map(Some),
+            fn take(&mut self, wait: Option<Duration>) -> pglock::Result<Option<$held<'_, M>>> {
+                match wait {
+                    Some(wait) => self.try_lock_for(wait),
+                    None => self.lock().map(Some),
+                }
+            }
+
+            fn cancel_handle(&self) -> CancelHandle {
+                $lock::cancel_handle(self)
+            }
         }
-    }
-
-    fn cancel_handle(&self) -> CancelHandle {
-        SessionLock::cancel_handle(self)
-    }
+    )*};
 }
 
-impl Lockable for AdvisorySemaphore<M> {
-    type Held<'a> = SemaphorePermit<'a, M>;
-
-    fn take(&mut self, wait: Option<Duration>) -> pglock::Result<Option<Self::Held<'_>>> {
-        match wait {
-            Some(wait) => self.try_lock_for(wait),
-            None => self.lock().map(Some),
-        }
-    }
-
-    fn cancel_handle(&self) -> CancelHandle {
-        AdvisorySemaphore::cancel_handle(self)
-    }
-}
-
-impl Lockable for LeaseLock<M> {
-    type Held<'a> = LeaseGuard<'a, M>;
-
-    fn take(&mut self, wait: Option<Duration>) -> pglock::Result<Option<Self::Held<'_>>> {
-        match wait {
-            Some(wait) => self.try_lock_for(wait),
-            None => self.lock().map(Some),
-        }
-    }
-
-    fn cancel_handle(&self) -> CancelHandle {
-        LeaseLock::cancel_handle(self)
-    }
-}
-
-impl Lockable for LeaseSemaphore<M> {
-    type Held<'a> = LeaseGuard<'a, M>;
-
-    fn take(&mut self, wait: Option<Duration>) -> pglock::Result<Option<Self::Held<'_>>> {
-        match wait {
-            Some(wait) => self.try_lock_for(wait),
-            None => self.lock().map(Some),
-        }
-    }
-
-    fn cancel_handle(&self) -> CancelHandle {
-        LeaseSemaphore::cancel_handle(self)
-    }
-}
+lockable!(
+    SessionLock => SessionGuard,
+    AdvisorySemaphore => SemaphorePermit,
+    LeaseLock => LeaseGuard,
+    LeaseSemaphore => LeaseGuard,
+);
 
 /// How long to wait, and what to say about it.
 pub(crate) struct Wanted<'a> {
@@ -109,6 +78,8 @@ pub(crate) struct Wanted<'a> {
     pub(crate) verbose: bool,
     /// "held by ...", asked for only when something is said.
     pub(crate) holders: &'a dyn Fn() -> String,
+    /// The connector of the lock's connections, for a cancel request.
+    pub(crate) tls: MakeTlsConnector,
 }
 
 impl Wanted<'_> {
@@ -160,7 +131,10 @@ pub(crate) fn acquire<L: Lockable, R>(
             (wanted.holders)()
         );
     }
-    *state(shared) = ChildState::Waiting(Some(lock.cancel_handle()));
+    let (handle, tls) = (lock.cancel_handle(), wanted.tls.clone());
+    *state(shared) = ChildState::Waiting(Some(Box::new(move || {
+        let _ = handle.cancel_with(tls.clone());
+    })));
     let taken = lock.take(rest).map_err(lock_fail)?;
     match taken {
         Some(held) => then(held).map(Some),

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use pglock::CancelHandle;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 
@@ -27,11 +26,14 @@ pub(crate) const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
+/// Cancels a wait on the server: sends the cancel request (over TLS when the
+/// connection uses it).
+pub(crate) type Canceller = Box<dyn Fn() + Send>;
+
 /// Where the command is, for the signal thread.
-#[derive(Debug)]
 pub(crate) enum ChildState {
     /// Not started yet: a signal cancels the wait (if any) and ends pglock.
-    Waiting(Option<CancelHandle>),
+    Waiting(Option<Canceller>),
     /// Running, in the process group with this id (the supervisor's pid; its leader is
     /// not reaped yet, so the id cannot be reused).
     Running(Pid),
@@ -240,7 +242,7 @@ pub(crate) fn forward_signals(shared: &Shared) -> Result<(), Fail> {
                             signal_name(signal)
                         );
                         if let Some(cancel) = cancel {
-                            let _ = cancel.cancel();
+                            cancel();
                         }
                         // The connection closes with the process: the server frees a
                         // lock just granted.

@@ -103,6 +103,11 @@ impl Target {
         })
     }
 
+    /// The TLS connector of every connection, and of cancel requests.
+    pub(crate) fn connector(&self) -> MakeTlsConnector {
+        self.connector.clone()
+    }
+
     /// Connects once, now, without a pool.
     fn client(&self, config: &Config) -> Result<Client, Fail> {
         config.connect(self.connector.clone()).map_err(|e| {
@@ -409,13 +414,23 @@ fn build_config(settings: &Settings) -> Result<Config, Built> {
         let pair = format!("{key}={} ", quote(&value));
         if *from != crate::libpq::From::ConnString {
             if let Err(e) = pair.parse::<Config>() {
-                return Err(Built::Usage(bad_setting(key, from, &describe_pg(&e))));
+                return Err(Built::Usage(bad_setting(key, from, &config_error(&e))));
             }
         }
         text += &pair;
     }
     text.parse::<Config>()
-        .map_err(|e| Built::Whole(describe_pg(&e)))
+        .map_err(|e| Built::Whole(config_error(&e)))
+}
+
+/// A `Config` parse error without its "invalid connection string: " (the caller says
+/// what was invalid, once).
+fn config_error(e: &postgres::Error) -> String {
+    let why = describe_pg(e);
+    match why.strip_prefix("invalid connection string: ") {
+        Some(rest) => rest.to_owned(),
+        None => why,
+    }
 }
 
 /// Why [`build_config`] failed.

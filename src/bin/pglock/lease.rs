@@ -298,6 +298,7 @@ fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
         quiet: false,
         verbose: false,
         holders: &reader,
+        tls: target.connector(),
     };
     // No signal thread here: a signal ends the wait the default way.
     let shared = Arc::new(Mutex::new(ChildState::Waiting(None)));

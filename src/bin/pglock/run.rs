@@ -28,6 +28,7 @@ use pglock::{
     AdvisorySemaphore, Error, LeaseLock, LeaseSemaphore, LockKey, LockMode, LockOptions,
     SemaphorePermit, SessionGuard, SessionLock, WaitMode,
 };
+use postgres_openssl::MakeTlsConnector;
 
 use crate::acquire::{acquire, Wanted};
 use crate::args::{Conn, RunArgs};
@@ -82,6 +83,7 @@ pub(crate) fn run(conn: &Conn, args: RunArgs) -> Result<u8, Fail> {
     let start = Instant::now();
     let run = Run {
         args: &args,
+        tls: target.connector(),
         grace,
         shared: &shared,
         start,
@@ -193,25 +195,34 @@ pub(crate) trait Watched {
     /// `PGLOCK_KEY`, `PGLOCK_TOKEN`, `PGLOCK_SLOT`: what the command is told.
     fn env(&self) -> Vec<(&'static str, String)>;
     /// `lock` or `lease`: what is lost.
-    fn noun(&self) -> &'static str;
+    fn noun(&self) -> &'static str {
+        "lock"
+    }
     /// Blocks at most `tick`; once the lock is known lost, why ("the lock ...: its
     /// session ended (...)").
     fn lost(&mut self, tick: Duration) -> Option<String>;
     /// Releases it: the same as dropping it, but reports the error.
-    fn unlock(self) -> pglock::Result<()>;
-    /// Lets go of it after a loss.
-    fn abandon(self);
+    fn unlock(self) -> pglock::Result<()>
+    where
+        Self: Sized;
+    /// Lets go of it after a loss: dropped, by default.
+    fn abandon(self)
+    where
+        Self: Sized,
+    {
+    }
 }
 
-/// Why an advisory lock's session is gone, if it is: reads the connection for at most
-/// `tick` (the server's FATAL message or a closed socket wakes it at once).
-fn session_lost(client: &mut Client, tick: Duration) -> Option<String> {
+/// Why the session of `key`'s advisory lock is gone, if it is: reads the connection for
+/// at most `tick` (the server's FATAL message or a closed socket wakes it at once).
+fn session_lost(client: &mut Client, key: &LockKey, tick: Duration) -> Option<String> {
     let read = client.notifications().timeout_iter(tick).next().map(|_| ());
-    match read {
-        Ok(()) if !client.is_closed() => None,
-        Ok(()) => Some("the connection was closed".to_owned()),
-        Err(e) => Some(crate::fail::describe_pg(&e)),
-    }
+    let why = match read {
+        Ok(()) if !client.is_closed() => return None,
+        Ok(()) => "the connection was closed".to_owned(),
+        Err(e) => crate::fail::describe_pg(&e),
+    };
+    Some(format!("the lock {key}: its session ended ({why})"))
 }
 
 impl Watched for SessionGuard<'_, crate::conn::FirstThenConnect> {
@@ -223,23 +234,14 @@ impl Watched for SessionGuard<'_, crate::conn::FirstThenConnect> {
         vec![("PGLOCK_KEY", format::key_value(SessionGuard::key(self)))]
     }
 
-    fn noun(&self) -> &'static str {
-        "lock"
-    }
-
     fn lost(&mut self, tick: Duration) -> Option<String> {
-        let why = session_lost(self, tick)?;
-        Some(format!(
-            "the lock {}: its session ended ({why})",
-            SessionGuard::key(self)
-        ))
+        let key = SessionGuard::key(self).clone();
+        session_lost(self, &key, tick)
     }
 
     fn unlock(self) -> pglock::Result<()> {
         SessionGuard::unlock(self)
     }
-
-    fn abandon(self) {}
 }
 
 impl Watched for SemaphorePermit<'_, crate::conn::FirstThenConnect> {
@@ -259,28 +261,20 @@ impl Watched for SemaphorePermit<'_, crate::conn::FirstThenConnect> {
         ]
     }
 
-    fn noun(&self) -> &'static str {
-        "lock"
-    }
-
     fn lost(&mut self, tick: Duration) -> Option<String> {
-        let why = session_lost(self, tick)?;
-        Some(format!(
-            "the lock {}: its session ended ({why})",
-            SemaphorePermit::key(self)
-        ))
+        let key = SemaphorePermit::key(self);
+        session_lost(self, &key, tick)
     }
 
     fn unlock(self) -> pglock::Result<()> {
         SemaphorePermit::unlock(self)
     }
-
-    fn abandon(self) {}
 }
 
 /// One run: its options, and the state the signal thread shares.
 struct Run<'a> {
     args: &'a RunArgs,
+    tls: MakeTlsConnector,
     grace: Duration,
     shared: &'a Shared,
     start: Instant,
@@ -307,6 +301,7 @@ impl Run<'_> {
             quiet: args.quiet,
             verbose: args.verbose,
             holders,
+            tls: self.tls.clone(),
         }
     }
 
