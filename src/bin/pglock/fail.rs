@@ -79,7 +79,14 @@ pub(crate) fn describe_lock_error(e: &Error) -> String {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(pg) = s.downcast_ref::<pglock::postgres::Error>() {
-            out += &format!(": {}", describe_pg(pg));
+            let mut text = describe_pg(pg);
+            // The library's message may carry the SQLSTATE already.
+            if let Some(code) = pg.code().map(|c| format!(" (SQLSTATE {})", c.code())) {
+                if out.contains(&code) {
+                    text = text.replace(&code, "");
+                }
+            }
+            out += &format!(": {text}");
             break;
         }
         let text = s.to_string();
