@@ -62,6 +62,32 @@ lockable!(
     LeaseSemaphore => LeaseGuard,
 );
 
+/// What `run` holds a lock with, whatever its kind: it watches it while the command
+/// runs, and releases it after.
+pub(crate) trait Watched {
+    /// `lock "x" (key 1)`, `"x" slot 2 (key 3,2)`, `lease "x" (token 7)`.
+    fn describe(&self, name: &str) -> String;
+    /// `PGLOCK_KEY`, `PGLOCK_TOKEN`, `PGLOCK_SLOT`: what the command is told.
+    fn env(&self) -> Vec<(&'static str, String)>;
+    /// `lock` or `lease`: what is lost.
+    fn noun(&self) -> &'static str {
+        "lock"
+    }
+    /// Blocks at most `tick`; once the lock is known lost, why ("the lock ...: its
+    /// session ended (...)").
+    fn lost(&mut self, tick: Duration) -> Option<String>;
+    /// Releases it: the same as dropping it, but reports the error.
+    fn unlock(self) -> pglock::Result<()>
+    where
+        Self: Sized;
+    /// Lets go of it after a loss: dropped, by default.
+    fn abandon(self)
+    where
+        Self: Sized,
+    {
+    }
+}
+
 /// How long to wait, and what to say about it.
 pub(crate) struct Wanted<'a> {
     /// `lock "x" (key 1)`, `all 2 slots of "x"`, `lease "x"`: what is busy.

@@ -28,13 +28,12 @@ use std::sync::{Arc, Mutex};
 use pglock::{LeaseGuard, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable};
 use serde_json::json;
 
-use crate::acquire::{acquire, Wanted};
+use crate::acquire::{acquire, Wanted, Watched};
 use crate::args::{Conn, LeaseAcquireArgs, LeaseCommand, LeaseGetArgs, LeaseTokenArgs, RunArgs};
 use crate::child::ChildState;
 use crate::conn::{FirstThenConnect, Pool, Session, Target};
 use crate::fail::{check_name, describe_lock_error, lock_fail, Fail, EX_STALE_TOKEN};
 use crate::format::{self as show, json_string};
-use crate::run::Watched;
 
 /// The longest default `--grace`.
 const MAX_DEFAULT_GRACE: Duration = Duration::from_secs(10);

@@ -69,3 +69,56 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The modules, bottom-up: each may use only the modules of the layers below it.
+    const LAYERS: &[&[(&str, &str)]] = &[
+        &[
+            ("format", include_str!("format.rs")),
+            ("fail", include_str!("fail.rs")),
+        ],
+        &[
+            ("args", include_str!("args.rs")),
+            ("libpq", include_str!("libpq.rs")),
+        ],
+        &[("tls", include_str!("tls.rs"))],
+        &[
+            ("child", include_str!("child.rs")),
+            ("conn", include_str!("conn.rs")),
+        ],
+        &[
+            ("exec", include_str!("exec.rs")),
+            ("acquire", include_str!("acquire.rs")),
+        ],
+        &[
+            ("lease", include_str!("lease.rs")),
+            ("show", include_str!("show.rs")),
+        ],
+        &[("run", include_str!("run.rs"))],
+    ];
+
+    /// Commands over lock acquisition, child supervision, the connection, formatting and
+    /// failures: no module uses one of its own layer or above, so there is no cycle.
+    #[test]
+    fn modules_depend_one_way() {
+        for (level, layer) in LAYERS.iter().enumerate() {
+            for (name, source) in layer.iter() {
+                assert!(
+                    !source.contains("crate::{"),
+                    "{name}: name each module it uses"
+                );
+                for (above, other) in LAYERS[level..].iter().flat_map(|l| l.iter()).enumerate() {
+                    let used = [":", ";", ",", "}"]
+                        .iter()
+                        .any(|end| source.contains(&format!("crate::{}{end}", other.0)));
+                    assert!(
+                        !used || other.0 == *name && above == 0,
+                        "{name} uses {}, which is not below it",
+                        other.0
+                    );
+                }
+            }
+        }
+    }
+}

@@ -30,15 +30,16 @@ use pglock::{
 };
 use postgres_openssl::MakeTlsConnector;
 
-use crate::acquire::{acquire, Wanted};
+use crate::acquire::{acquire, Wanted, Watched};
 use crate::args::{Conn, RunArgs};
 use crate::child::{
     describe_status, exit_code, forward_signals, reap, terminate, ChildState, Shared, Supervised,
 };
-use crate::conn::{Session, Target};
+use crate::conn::{Pool, Session, Target};
+use crate::exec;
 use crate::fail::{check_name, describe_lock_error, lock_fail, Fail, EX_LOCK_LOST};
 use crate::format::{self, json_string};
-use crate::{exec, lease};
+use crate::lease;
 
 /// The longest the main thread blocks on the connection before it looks at the child:
 /// the bound on the time from the command's exit to the unlock. Lock loss wakes it at
@@ -88,51 +89,7 @@ pub(crate) fn run(conn: &Conn, args: RunArgs) -> Result<u8, Fail> {
         shared: &shared,
         start,
     };
-    let name = args.name.as_str();
-    let held = match (&lease, args.slots) {
-        (None, None) => {
-            let key = LockKey::from_name(name);
-            let holders = || who_holds(&target, &[(key.clone(), None)]);
-            let wanted = run.wanted(key.to_string(), false, &holders);
-            let mut lock = SessionLock::with_options(&pool, key.clone(), advisory_options(&args))
-                .map_err(lock_fail)?;
-            acquire(&mut lock, &wanted, start, &shared, |g| run.supervise(g))?
-        }
-        (None, Some(n)) => {
-            let slots: Vec<_> = (0..n)
-                .map(|i| (crate::acquire::slot_key(name, i), Some(i)))
-                .collect();
-            let holders = || who_holds(&target, &slots);
-            let what = format!("all {n} slots of {}", json_string(name));
-            let wanted = run.wanted(what, true, &holders);
-            let mut sem = AdvisorySemaphore::with_options(&pool, name, n, advisory_options(&args))
-                .map_err(lock_fail)?;
-            acquire(&mut sem, &wanted, start, &shared, |p| run.supervise(p))?
-        }
-        (Some(plan), None) => {
-            lease::create_table_if_asked(&pool, &plan.table, args.create_table)?;
-            let holders = || lease::holders(&target, &plan.table, name, None);
-            let what = format!("lease {}", json_string(name));
-            let wanted = run.wanted(what, false, &holders);
-            let mut lock = LeaseLock::with_options(&pool, name, lease::options(plan, &args))
-                .map_err(lock_fail)?;
-            acquire(&mut lock, &wanted, start, &shared, |guard| {
-                run.supervise(lease::Held::new(guard, false))
-            })?
-        }
-        (Some(plan), Some(n)) => {
-            lease::create_table_if_asked(&pool, &plan.table, args.create_table)?;
-            let holders = || lease::holders(&target, &plan.table, name, Some(n));
-            let what = format!("all {n} slots of lease {}", json_string(name));
-            let wanted = run.wanted(what, true, &holders);
-            let options = lease::options(plan, &args);
-            let mut sem =
-                LeaseSemaphore::with_options(&pool, name, n, options).map_err(lock_fail)?;
-            acquire(&mut sem, &wanted, start, &shared, |guard| {
-                run.supervise(lease::Held::new(guard, true))
-            })?
-        }
-    };
+    let held = run.take(&target, &pool, lease.as_ref())?;
     Ok(held.unwrap_or(args.conflict_exit_code))
 }
 
@@ -185,31 +142,6 @@ fn who_holds(target: &Target, keys: &[(LockKey, Option<u32>)]) -> String {
         format!("but {them} no holder any more")
     } else {
         format!("held by {}", held.join("; "))
-    }
-}
-
-/// What `run` holds a lock with, whatever its kind.
-pub(crate) trait Watched {
-    /// `lock "x" (key 1)`, `"x" slot 2 (key 3,2)`, `lease "x" (token 7)`.
-    fn describe(&self, name: &str) -> String;
-    /// `PGLOCK_KEY`, `PGLOCK_TOKEN`, `PGLOCK_SLOT`: what the command is told.
-    fn env(&self) -> Vec<(&'static str, String)>;
-    /// `lock` or `lease`: what is lost.
-    fn noun(&self) -> &'static str {
-        "lock"
-    }
-    /// Blocks at most `tick`; once the lock is known lost, why ("the lock ...: its
-    /// session ended (...)").
-    fn lost(&mut self, tick: Duration) -> Option<String>;
-    /// Releases it: the same as dropping it, but reports the error.
-    fn unlock(self) -> pglock::Result<()>
-    where
-        Self: Sized;
-    /// Lets go of it after a loss: dropped, by default.
-    fn abandon(self)
-    where
-        Self: Sized,
-    {
     }
 }
 
@@ -281,6 +213,68 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Takes the lock of the kind the options say (on `pool`; who is in the way is read
+    /// through `target`), runs the command under it: pglock's exit code, or `None` when
+    /// the lock stayed busy.
+    fn take(
+        &self,
+        target: &Target,
+        pool: &Pool,
+        lease: Option<&lease::Plan>,
+    ) -> Result<Option<u8>, Fail> {
+        let args = self.args;
+        let name = args.name.as_str();
+        match (lease, args.slots) {
+            (None, None) => {
+                let key = LockKey::from_name(name);
+                let holders = || who_holds(target, &[(key.clone(), None)]);
+                let wanted = self.wanted(key.to_string(), false, &holders);
+                let mut lock = SessionLock::with_options(pool, key.clone(), advisory_options(args))
+                    .map_err(lock_fail)?;
+                acquire(&mut lock, &wanted, self.start, self.shared, |g| {
+                    self.supervise(g)
+                })
+            }
+            (None, Some(n)) => {
+                let slots: Vec<_> = (0..n)
+                    .map(|i| (crate::acquire::slot_key(name, i), Some(i)))
+                    .collect();
+                let holders = || who_holds(target, &slots);
+                let what = format!("all {n} slots of {}", json_string(name));
+                let wanted = self.wanted(what, true, &holders);
+                let mut sem =
+                    AdvisorySemaphore::with_options(pool, name, n, advisory_options(args))
+                        .map_err(lock_fail)?;
+                acquire(&mut sem, &wanted, self.start, self.shared, |p| {
+                    self.supervise(p)
+                })
+            }
+            (Some(plan), None) => {
+                lease::create_table_if_asked(pool, &plan.table, args.create_table)?;
+                let holders = || lease::holders(target, &plan.table, name, None);
+                let what = format!("lease {}", json_string(name));
+                let wanted = self.wanted(what, false, &holders);
+                let mut lock = LeaseLock::with_options(pool, name, lease::options(plan, args))
+                    .map_err(lock_fail)?;
+                acquire(&mut lock, &wanted, self.start, self.shared, |guard| {
+                    self.supervise(lease::Held::new(guard, false))
+                })
+            }
+            (Some(plan), Some(n)) => {
+                lease::create_table_if_asked(pool, &plan.table, args.create_table)?;
+                let holders = || lease::holders(target, &plan.table, name, Some(n));
+                let what = format!("all {n} slots of lease {}", json_string(name));
+                let wanted = self.wanted(what, true, &holders);
+                let options = lease::options(plan, args);
+                let mut sem =
+                    LeaseSemaphore::with_options(pool, name, n, options).map_err(lock_fail)?;
+                acquire(&mut sem, &wanted, self.start, self.shared, |guard| {
+                    self.supervise(lease::Held::new(guard, true))
+                })
+            }
+        }
+    }
+
     /// How long to wait for `what`, and what to say about it.
     fn wanted<'h>(
         &self,
