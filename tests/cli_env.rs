@@ -365,3 +365,33 @@ fn verify_full_checks_the_servers_certificate() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }
+
+#[test]
+fn pgoptions_and_pghostaddr_reach_the_connection() {
+    let home = home("options");
+    // PGOPTIONS is sent at startup: a setting the server refuses makes it refuse the
+    // session (unreachable, 69, with the server's word).
+    let out = run(
+        pg_env(&home).env("PGOPTIONS", "-c statement_timeout=nonsense"),
+        "cli-env/options",
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("statement_timeout"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        pg_env(&home).env("PGOPTIONS", "-c statement_timeout=0"),
+        "cli-env/options",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // PGHOSTADDR: the address connected to, whatever PGHOST's name resolves to.
+    let out = run(
+        pg_env(&home)
+            .env("PGHOST", "pglock-test.invalid")
+            .env("PGHOSTADDR", "127.0.0.1"),
+        "cli-env/options",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
