@@ -288,7 +288,7 @@ database). One that starts with `-` goes after `--name`, or after `--`: \
     #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
     pub(crate) nonblock: bool,
 
-    /// Wait at most SECS (0: one try), then fail (exit 1, or -E)
+    /// Wait at most SECS (0: one try), then fail
     ///
     /// Wait at most SECS (fractions allowed; 0 = one try), then fail (exit 1, or -E)
     #[arg(short = 'w', long = "wait", visible_alias = "timeout", value_name = "SECS",
@@ -305,7 +305,7 @@ database). One that starts with `-` goes after `--name`, or after `--`: \
     )]
     pub(crate) conflict_exit_code: u8,
 
-    /// Take a shared lock (any number of shared holders at once)
+    /// Take a shared lock
     ///
     /// Take a shared lock: any number of shared holders at once, no exclusive one
     #[arg(
