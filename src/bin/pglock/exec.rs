@@ -55,20 +55,7 @@ pub(crate) fn trampoline(args: &[OsString]) -> ! {
         }
         _ => die("internal: bad supervisor arguments"),
     };
-    // Signals that reach the group (forwarded by pglock) reach the command directly; the
-    // supervisor only has to survive them. Signals ignored when pglock started stay
-    // ignored (not caught here), so that the command inherits them ignored.
-    let ignored = crate::child::ignored_signals();
-    let mut caught: Vec<i32> = crate::child::FORWARDED
-        .iter()
-        .map(|&s| s as i32)
-        .filter(|&s| ignored & (1u64 << (s - 1)) == 0)
-        .collect();
-    caught.push(PARENT_DEATH as i32);
-    let mut signals = match Signals::new(&caught) {
-        Ok(signals) => signals,
-        Err(e) => die(&format!("cannot install signal handlers: {e}")),
-    };
+    let mut signals = catch_signals();
     if let Err(e) = nix::sys::prctl::set_pdeathsig(PARENT_DEATH) {
         die(&format!("cannot set the parent-death signal: {e}"));
     }
@@ -130,6 +117,24 @@ pub(crate) fn trampoline(args: &[OsString]) -> ! {
             std::process::exit(128 + signal)
         }
         (None, None) => std::process::exit(i32::from(crate::fail::EX_SOFTWARE)),
+    }
+}
+
+/// Catches the forwarded signals and [`PARENT_DEATH`]. Signals that reach the group
+/// (forwarded by pglock) reach the command directly; the supervisor only has to survive
+/// them. Signals ignored when pglock started stay ignored (not caught here), so that the
+/// command inherits them ignored.
+fn catch_signals() -> Signals {
+    let ignored = crate::child::ignored_signals();
+    let mut caught: Vec<i32> = crate::child::FORWARDED
+        .iter()
+        .map(|&s| s as i32)
+        .filter(|&s| ignored & (1u64 << (s - 1)) == 0)
+        .collect();
+    caught.push(PARENT_DEATH as i32);
+    match Signals::new(&caught) {
+        Ok(signals) => signals,
+        Err(e) => die(&format!("cannot install signal handlers: {e}")),
     }
 }
 
