@@ -395,3 +395,51 @@ fn pgoptions_and_pghostaddr_reach_the_connection() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// A client certificate (PGSSLCERT, PGSSLKEY) is loaded and offered; its key must be
+/// private, and a file that is not a certificate is a usage error. (The test server does
+/// not ask for client certificates, so their use for authentication is not pinned here.)
+#[test]
+fn pgsslcert_and_pgsslkey_are_loaded_and_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = home("client-cert");
+    let (cert, key) = (home.join("client.crt"), home.join("client.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=postgres", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (ci/with-postgres needs it too)");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let with_cert = || {
+        let mut cmd = pg_env(&home);
+        cmd.env("PGSSLMODE", "require")
+            .env("PGSSLCERT", &cert)
+            .env("PGSSLKEY", &key);
+        cmd
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, ssl, ..) = session_of(&mut with_cert(), "cli-env/client-cert");
+    assert!(ssl);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&mut with_cert(), "cli-env/client-cert");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("group or world access"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let out = run(&mut with_cert(), "cli-env/client-cert");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read sslcert"),
+        "{}",
+        stderr(&out)
+    );
+}
