@@ -954,7 +954,7 @@ fn help_documents_the_exit_codes() {
         "PGLOCK_TOKEN",
         "lease - 2 x heartbeat - lease/10",
         "--slots",
-        "pglock polls them",
+        "AdvisorySemaphore",
         "--direct",
         "pg_is_in_recovery()",
         "idle_session_timeout = 0",
@@ -972,6 +972,123 @@ fn help_documents_the_exit_codes() {
         "target_session_attrs",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
+    }
+}
+
+/// `-h` is short (about 25 lines, like flock(1)'s `--help`) and starts with `Usage:`;
+/// `--help` is the complete one; NAME shows as required.
+#[test]
+fn short_help_is_short_and_usage_comes_first() {
+    for args in [
+        &["-h"][..],
+        &["run", "-h"],
+        &["lease", "acquire", "-h"],
+        &["status", "-h"],
+    ] {
+        let out = output(pglock().args(args));
+        assert!(out.status.success(), "{args:?}");
+        let short = stdout(&out);
+        assert!(short.starts_with("Usage: pglock"), "{args:?}:\n{short}");
+        assert!(
+            short.lines().count() <= 28,
+            "{args:?}: {} lines:\n{short}",
+            short.lines().count()
+        );
+        let mut long_args = args.to_vec();
+        *long_args.last_mut().unwrap() = "--help";
+        let long = stdout(&output(pglock().args(&long_args)));
+        assert!(long.starts_with("Usage: pglock"), "{long_args:?}:\n{long}");
+        assert!(long.len() > short.len(), "{long_args:?}");
+    }
+    let run = stdout(&output(pglock().args(["run", "-h"])));
+    assert!(run.contains("<NAME>"), "{run}");
+    assert!(!run.contains("--network-timeout"), "{run}");
+    // --network-timeout's long text is said once, under its own heading.
+    let long = stdout(&output(pglock().args(["run", "--help"])));
+    assert_eq!(long.matches("tcp_user_timeout").count(), 1, "{long}");
+}
+
+/// `pglock run NAME cmd` without `--`: a usage error that says where the command goes.
+#[test]
+fn a_command_without_dashes_gets_a_hint() {
+    let out = output(pglock().args(["run", "x", "echo", "hi"]));
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(err.contains("unexpected argument 'echo'"), "{err}");
+    assert!(
+        err.contains("hint: the command goes after `--`: pglock run NAME -- echo"),
+        "{err}"
+    );
+}
+
+/// The man page and the completions come from the clap definition.
+#[test]
+fn man_and_completions_are_printed() {
+    let out = output(pglock().arg("man"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH pglock"),
+        "{page}"
+    );
+    assert!(page.contains("completions"), "{page}");
+    let out = output(pglock().args(["man", "run"]));
+    assert!(stdout(&out).contains(".TH pglock-run"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("conflict\\-exit\\-code"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        output(pglock().args(["man", "nope"])).status.code(),
+        Some(64)
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = output(pglock().args(["completions", shell]));
+        assert!(out.status.success(), "{shell}");
+        assert!(stdout(&out).contains("conflict-exit-code"), "{shell}");
+    }
+    assert_eq!(
+        output(pglock().args(["completions", "cmd.exe"]))
+            .status
+            .code(),
+        Some(64)
+    );
+}
+
+/// Before the lease table exists: a usage error (64), said once, that says how to create
+/// it.
+#[test]
+fn a_missing_lease_table_is_a_usage_error_that_says_how_to_create_it() {
+    let name = unique_name!();
+    for args in [
+        &[
+            "lease",
+            "acquire",
+            &name,
+            "--table",
+            "pglock_cli_missing.nope",
+        ][..],
+        &[
+            "run",
+            &name,
+            "--lease",
+            "3",
+            "--table",
+            "pglock_cli_missing.nope",
+            "--",
+            "true",
+        ],
+    ] {
+        let out = output(pglock().args(args));
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("--create-table"), "{err}");
+        assert_eq!(
+            err.matches("does not exist").count(),
+            2,
+            "said once (the server's, then ours): {err}"
+        );
     }
 }
 

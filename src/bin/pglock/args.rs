@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::Fail;
+use crate::fail::Fail;
 
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
@@ -21,27 +21,55 @@ Exit codes:
   76       pglock lease heartbeat|release: the token does not hold the lease any more
            (it expired, was released, or was taken over)
   126, 127 pglock run: the command could not be executed, or was not found
-  64       usage error: bad option, missing command, bad name or connection string
+  64       usage error: bad option, missing command, bad name, bad connection
+           settings (TLS files included), or a lease table that does not exist
   69       the database is unreachable (connection refused, authentication failed), or
            pglock run refused it for an advisory lock: a standby, or a pooler
   70       any other failure of pglock itself";
 
 const CONNECTION: &str = "\
-Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, else
-exactly these of libpq's variables: PGHOST (default localhost; a comma-separated list),
-PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD, PGCONNECT_TIMEOUT. Without a
-password, it is looked up in PGPASSFILE, else ~/.pgpass, as libpq does (one host only;
-not read if group or others may read it). No other PG* variable is read (not PGSERVICE,
-PGSSLMODE, PGOPTIONS). No TLS. With several hosts, pglock asks for the primary
-(target_session_attrs=read-write) unless the DSN says otherwise. Passwords are never
-printed.";
+Connection: --dsn (a postgres:// URL or key=value string), else DATABASE_URL, with
+libpq's layers under it, as psql reads them: a service's entry (service=, PGSERVICE; in
+PGSERVICEFILE or ~/.pg_service.conf, then PGSYSCONFDIR/pg_service.conf), then PGHOST
+(default localhost), PGHOSTADDR, PGPORT, PGUSER (default $USER), PGDATABASE, PGPASSWORD,
+PGPASSFILE, PGOPTIONS, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE, PGSSLROOTCERT, PGSSLCERT,
+PGSSLKEY, PGTARGETSESSIONATTRS, PGCHANNELBINDING, PGLOADBALANCEHOSTS. The connection
+string wins over the service, which wins over the variables. Without a password, it is
+looked up in passfile/PGPASSFILE, else ~/.pgpass (one host only; not read if group or
+others may read it). TLS: sslmode disable, allow (as prefer), prefer (the default),
+require, verify-ca, verify-full; sslrootcert (default ~/.postgresql/root.crt, checked in
+every mode when it exists; `system` for the system's trust store, with verify-full);
+sslcert and sslkey (default ~/.postgresql/postgresql.crt and .key). With several hosts,
+pglock asks for the primary (target_session_attrs=read-write) unless the settings say
+otherwise. Passwords are never printed. See docs/cli.md.";
+
+/// The help layout of every subcommand: `Usage:` first, as flock(1) and ripgrep.
+const TEMPLATE: &str = "{usage-heading} {usage}\n\n{about-with-newline}\n{all-args}{after-help}";
+
+/// The command line's definition, as parsed, documented (`--help`, `pglock man`) and
+/// completed (`pglock completions`): every subcommand gets `Usage:` first.
+pub(crate) fn command() -> clap::Command {
+    fn usage_first(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.help_template(TEMPLATE);
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        names
+            .into_iter()
+            .fold(cmd, |cmd, name| cmd.mut_subcommand(name, usage_first))
+    }
+    usage_first(<Cli as clap::CommandFactory>::command())
+}
 
 /// Distributed locks on PostgreSQL advisory locks, from the shell.
 #[derive(Debug, Parser)]
 #[command(
     name = "pglock",
     version,
-    after_help = format!("{CONNECTION}\n\n{EXIT_CODES}"),
+    after_help = "Run 'pglock --help' for the connection settings and exit codes,\n\
+                  'pglock COMMAND -h' for a command's options, 'pglock man' for the manual.",
+    after_long_help = format!("{CONNECTION}\n\n{EXIT_CODES}"),
     disable_help_subcommand = true
 )]
 pub(crate) struct Cli {
@@ -55,24 +83,28 @@ pub(crate) struct Cli {
 /// Where and how to connect.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct Conn {
-    /// PostgreSQL connection string (URL or key=value); default: DATABASE_URL, else PG*
-    #[arg(long, global = true, value_name = "DSN")]
+    /// Connection string (URL or key=value) [default: DATABASE_URL]
+    ///
+    /// A postgres:// URL or a key=value string, as libpq takes them; default:
+    /// DATABASE_URL. Under it, libpq's service file and PG* variables fill in what it
+    /// leaves out (see `pglock --help`)
+    #[arg(long, global = true, value_name = "DSN", help_heading = "Connection")]
     pub(crate) dsn: Option<String>,
 
-    /// Give up a connection that heard nothing from the other end for SECS (TCP
-    /// keepalives and tcp_user_timeout; on the server's side too for an advisory lock, so
-    /// that it frees the lock of a pglock it stopped hearing from): a shorter network
-    /// outage is ridden out. Raised to 2, at most 86400; 0 keeps the system's TCP
-    /// defaults (hours)
+    /// Give up a connection silent for SECS (0: the system's TCP defaults)
     #[arg(long, global = true, value_name = "SECS", default_value = "30",
-          value_parser = parse_network_timeout)]
+          value_parser = parse_network_timeout, hide_short_help = true,
+          help_heading = "Connection",
+          long_help = "Give up a connection that heard nothing from the other end for SECS \
+(TCP keepalives and tcp_user_timeout; on the server's side too for an advisory lock, so \
+that it frees the lock of a pglock it stopped hearing from): a shorter network outage is \
+ridden out. Raised to 2, at most 86400; 0 keeps the system's TCP defaults (hours)")]
     pub(crate) network_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a command while holding a session advisory lock, a lease (--lease), or one of N
-    /// slots (--slots)
+    /// Run a command holding a lock, a lease (--lease), or one of N slots (--slots)
     #[command(
         long_about = "Run a command while holding a session advisory lock, like flock(1) but \
 across every host that reaches the same database.\n\n\
@@ -109,7 +141,8 @@ administrator's pg_terminate_backend, a dropped connection), pglock sends the gr
 SIGTERM at once, SIGKILL after --grace (or once the command itself ended), and exits with \
 75.\n\n\
 The session's application_name is \"pglock run NAME HOST:PID\", so the holder shows in \
-pg_stat_activity and in `pglock status`.\n\n\
+pg_stat_activity and in `pglock status` (unless application_name or PGAPPNAME sets \
+another).\n\n\
 --lease SECS holds a lease instead: a row in a table (pglock_leases, or --table \
 schema.table; --create-table creates it if missing), taken for SECS and renewed every \
 --heartbeat (default a third of the lease). Every statement is stateless, so it works \
@@ -125,14 +158,16 @@ default with --lease is the most that fits, at most 10 s. After a loss pglock se
 release: the lease expires by itself.\n\n\
 --slots N makes a semaphore: at most N holders at once. With --lease, a lease semaphore \
 (a row per slot). Without, N advisory locks on the pair keys (K, 0) .. (K, N-1), K being \
-the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them); the server \
-cannot wait for any one of N locks, so pglock polls them (10 ms up to 1 s apart). The \
-child gets PGLOCK_SLOT.",
+the upper 32 bits of the name's key (`pglock key NAME --slots N` prints them), taken \
+with the library's AdvisorySemaphore (at most 1024 slots): one statement tries every slot, \
+and a waiter is woken by the NOTIFY of every release (--poll: polls instead). The child \
+gets PGLOCK_SLOT.",
         override_usage = "pglock run [OPTIONS] NAME -- COMMAND [ARGS]...\n       \
                           pglock run [OPTIONS] NAME -c SHELL_COMMAND\n       \
                           pglock run [OPTIONS] -- -NAME -- COMMAND [ARGS]...",
         group(ArgGroup::new("what").required(true).args(["shell", "command"])),
-        after_help = EXIT_CODES
+        after_help = "Run 'pglock run --help' for every option, the details and the exit codes.",
+        after_long_help = EXIT_CODES
     )]
     Run(RunArgs),
 
@@ -168,12 +203,12 @@ release it with `pglock lease release NAME --token T`. `pglock lease get NAME` s
 row: holder, token, remaining time, payload.\n\n\
 Leases live in a table (default pglock_leases; --table schema.table; --create-table \
 creates it if missing), so these commands work through PgBouncer in transaction mode.",
-        after_help = EXIT_CODES
+        after_long_help = EXIT_CODES
     )]
     Lease(LeaseCommand),
 
     /// Show who holds and who waits for a lock, or for every advisory lock of the database
-    #[command(after_help = format!("{CONNECTION}\n\n\
+    #[command(after_long_help = format!("{CONNECTION}\n\n\
 `since` is when a waiter began waiting (pg_locks.waitstart), and for a holder the last \
 state change of its session (pg_stat_activity.state_change): exactly when `pglock run` \
 got the lock, and a time the lock was already held for any idle session. A role that is \
@@ -186,13 +221,48 @@ query, client address, state and holders' since."))]
         #[arg(long)]
         json: bool,
     },
+
+    /// Print the manual page (roff), of pglock or of one command
+    #[command(
+        long_about = "Print the manual page in roff, generated from this very \
+command line's definition: `pglock man | man -l -`, or install it with \
+`pglock man > /usr/local/share/man/man1/pglock.1` (and `pglock man run > \
+.../pglock-run.1` for a command's own page)."
+    )]
+    Man {
+        /// A command's own page (run, key, lease, status)
+        command: Option<String>,
+    },
+
+    /// Print a shell's completion script
+    #[command(
+        long_about = "Print the completion script of SHELL, generated from this \
+command line's definition. Bash: `pglock completions bash > \
+/etc/bash_completion.d/pglock` (or `source <(pglock completions bash)`); zsh: into a \
+folder of $fpath as _pglock; fish: `pglock completions fish > \
+~/.config/fish/completions/pglock.fish`."
+    )]
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// The lock's name (the key is hashtextextended(NAME, 0) in a UTF-8 database). One
-    /// that starts with `-` goes after `--name`, or after `--`: `run -n -- -x -- true`
-    #[arg(id = "NAME", value_name = "NAME", allow_hyphen_values = true)]
+    /// The lock's name (one that starts with `-`: after --name)
+    #[arg(
+        long_help = "The lock's name (the key is hashtextextended(NAME, 0) in a UTF-8 \
+database). One that starts with `-` goes after `--name`, or after `--`: \
+`run -n -- -x -- true`"
+    )]
+    #[arg(
+        id = "NAME",
+        value_name = "NAME",
+        allow_hyphen_values = true,
+        required = true
+    )]
     pub(crate) name_positional: Option<String>,
 
     /// The lock's name, for one that starts with `-`
@@ -200,7 +270,8 @@ pub(crate) struct RunArgs {
         long = "name",
         value_name = "NAME",
         conflicts_with = "NAME",
-        allow_hyphen_values = true
+        allow_hyphen_values = true,
+        hide_short_help = true
     )]
     pub(crate) name_option: Option<String>,
 
@@ -210,13 +281,15 @@ pub(crate) struct RunArgs {
 
     /// The connection is direct, whatever its ports say: skip the check for a pooler
     /// (a NAT or a published port, where the server's port differs; a session-mode pooler)
-    #[arg(long, conflicts_with = "lease")]
+    #[arg(long, conflicts_with = "lease", hide_short_help = true)]
     pub(crate) direct: bool,
 
     /// Fail at once (exit 1, or -E) if the lock is busy
     #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
     pub(crate) nonblock: bool,
 
+    /// Wait at most SECS (0: one try), then fail
+    ///
     /// Wait at most SECS (fractions allowed; 0 = one try), then fail (exit 1, or -E)
     #[arg(short = 'w', long = "wait", visible_alias = "timeout", value_name = "SECS",
           value_parser = parse_secs)]
@@ -227,10 +300,13 @@ pub(crate) struct RunArgs {
         short = 'E',
         long = "conflict-exit-code",
         value_name = "N",
-        default_value_t = 1
+        default_value_t = 1,
+        hide_short_help = true
     )]
     pub(crate) conflict_exit_code: u8,
 
+    /// Take a shared lock
+    ///
     /// Take a shared lock: any number of shared holders at once, no exclusive one
     #[arg(
         short = 's',
@@ -241,44 +317,72 @@ pub(crate) struct RunArgs {
     pub(crate) shared: bool,
 
     /// Take an exclusive lock (the default)
-    #[arg(short = 'x', long = "exclusive", visible_alias = "write")]
+    #[arg(
+        short = 'x',
+        long = "exclusive",
+        visible_alias = "write",
+        hide_short_help = true
+    )]
     pub(crate) exclusive: bool,
 
     /// Wait by polling with non-blocking tries (10 ms up to 1 s apart) instead of waiting
     /// on the server: for holders that run CREATE INDEX CONCURRENTLY
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub(crate) poll: bool,
 
+    /// After a lost lock, SECS between SIGTERM and SIGKILL [default: 10]
+    ///
     /// After the lock is lost, how long the command has between SIGTERM and SIGKILL
     /// [default: 10; with --lease, the most that fits, at most 10]
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub(crate) grace: Option<Duration>,
 
+    /// Hold a lease of SECS instead (works through PgBouncer)
+    ///
     /// Hold a lease of SECS (fractions allowed), renewed by a heartbeat, instead of a
     /// session advisory lock: works through PgBouncer in transaction mode
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, conflicts_with = "shared")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, conflicts_with = "shared",
+          help_heading = "Lease")]
     pub(crate) lease: Option<Duration>,
 
     /// With --lease: renew it every SECS [default: a third of the lease]
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "lease")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "lease", hide_short_help = true, help_heading = "Lease")]
     pub(crate) heartbeat: Option<Duration>,
 
-    /// A semaphore: at most N holders at once (a lease semaphore with --lease, else N
-    /// advisory slot keys, polled; see `pglock key --help`)
+    /// A semaphore: at most N holders at once
+    ///
+    /// A semaphore: at most N holders at once (a lease semaphore with --lease, else an
+    /// advisory semaphore of N slot keys; see `pglock key --help`)
     #[arg(long, value_name = "N", value_parser = parse_slots, conflicts_with = "shared")]
     pub(crate) slots: Option<u32>,
 
     /// With --lease: the lease table, `table` or `schema.table` [default: pglock_leases]
-    #[arg(long, value_name = "TABLE", requires = "lease")]
+    #[arg(
+        long,
+        value_name = "TABLE",
+        requires = "lease",
+        hide_short_help = true,
+        help_heading = "Lease"
+    )]
     pub(crate) table: Option<String>,
 
     /// With --lease: create the lease table (and its sequence) if missing
-    #[arg(long, requires = "lease")]
+    #[arg(
+        long,
+        requires = "lease",
+        hide_short_help = true,
+        help_heading = "Lease"
+    )]
     pub(crate) create_table: bool,
 
     /// With --lease: wake waiters through LISTEN/NOTIFY. Direct connections only, never
     /// through a transaction-mode pooler
-    #[arg(long, requires = "lease")]
+    #[arg(
+        long,
+        requires = "lease",
+        hide_short_help = true,
+        help_heading = "Lease"
+    )]
     pub(crate) notify: bool,
 
     /// Say how long pglock waited, and who held the lock meanwhile
@@ -327,6 +431,8 @@ pub(crate) struct LeaseAcquireArgs {
     /// The lease's name
     pub(crate) name: String,
 
+    /// The lease's length in SECS
+    ///
     /// The lease's length: it expires SECS after the acquire or the last heartbeat
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     pub(crate) lease: Duration,
@@ -416,6 +522,56 @@ impl RunArgs {
     }
 }
 
+/// Parses the command line. `run [OPTIONS] -- -NAME -- COMMAND...` (a name that starts
+/// with `-`, after the `--` that ends the options) is read as `--name -NAME -- COMMAND...`
+/// when NAME is missing otherwise: NAME is a required argument.
+pub(crate) fn parse(argv: &[OsString]) -> Result<Cli, clap::Error> {
+    use clap::FromArgMatches;
+    let parse = |argv: &[OsString]| {
+        command()
+            .try_get_matches_from(argv)
+            .and_then(|matches| Cli::from_arg_matches(&matches))
+    };
+    let error = match parse(argv) {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    if error.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+        return Err(error);
+    }
+    let run = argv.iter().position(|a| a == "run");
+    let dashes = run.and_then(|r| argv[r..].iter().position(|a| a == "--").map(|d| r + d));
+    match dashes {
+        Some(d) if argv.len() > d + 3 && argv[d + 2] == "--" => {
+            let mut fixed = argv[..d].to_vec();
+            fixed.push("--name".into());
+            fixed.push(argv[d + 1].clone());
+            fixed.extend_from_slice(&argv[d + 2..]);
+            parse(&fixed).map_err(|_| error)
+        }
+        _ => Err(error),
+    }
+}
+
+/// A hint for a parse error that has a likely cause: `pglock run NAME cmd` without the
+/// `--` before the command.
+pub(crate) fn hint(e: &clap::Error, argv: &[OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let word = e.get(ContextKind::InvalidArg)?.to_string();
+    let is_run = argv.iter().skip(1).any(|a| a == "run");
+    let has_dashes = argv.iter().any(|a| a == "--");
+    if !is_run || has_dashes || word.starts_with('-') {
+        return None;
+    }
+    Some(format!(
+        "hint: the command goes after `--`: pglock run NAME -- {word} ... (or -c '{word} ...' \
+         for a shell command)"
+    ))
+}
+
 /// A number of slots: 1 up to i32::MAX (slots are PostgreSQL integers).
 fn parse_slots(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
@@ -458,11 +614,43 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+
+    fn try_parse<const N: usize>(argv: [&str; N]) -> Result<Cli, clap::Error> {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        parse(&argv)
+    }
 
     #[test]
     fn the_command_line_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// flock(1)'s `--help` is 24 lines, `Usage:` first: so is every `-h` here (about 25
+    /// lines), and `--help` is the complete one.
+    #[test]
+    fn short_help_is_short_and_starts_with_usage() {
+        for path in [
+            &[][..],
+            &["run"],
+            &["lease"],
+            &["lease", "acquire"],
+            &["status"],
+            &["key"],
+        ] {
+            let mut cmd = command();
+            let mut sub = &mut cmd;
+            for name in path {
+                sub = sub.find_subcommand_mut(name).unwrap();
+            }
+            let short = sub.render_help().to_string();
+            let long = sub.render_long_help().to_string();
+            assert!(short.starts_with("Usage: "), "{path:?}:\n{short}");
+            assert!(long.starts_with("Usage: "), "{path:?}:\n{long}");
+            let lines = short.lines().count();
+            assert!(lines <= 28, "{path:?}: {lines} lines:\n{short}");
+            assert!(short.lines().all(|l| l.len() <= 110), "{path:?}:\n{short}");
+            assert!(long.len() > short.len(), "{path:?}");
+        }
     }
 
     #[test]
@@ -477,7 +665,8 @@ mod tests {
     }
 
     fn run_args(argv: &[&str]) -> Option<RunArgs> {
-        match Cli::try_parse_from(argv).ok()?.command {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        match parse(&argv).ok()?.command {
             Command::Run(run) => run.resolved().ok(),
             _ => None,
         }
@@ -500,23 +689,22 @@ mod tests {
 
     #[test]
     fn both_command_forms_parse() {
-        let cli =
-            Cli::try_parse_from(["pglock", "run", "x", "-w", "1.5", "--", "ls", "-l"]).unwrap();
+        let cli = try_parse(["pglock", "run", "x", "-w", "1.5", "--", "ls", "-l"]).unwrap();
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
         assert_eq!(run.command, ["ls", "-l"]);
         assert_eq!(run.wait, Some(Duration::from_millis(1500)));
-        let cli = Cli::try_parse_from(["pglock", "run", "x", "-c", "echo hi"]).unwrap();
+        let cli = try_parse(["pglock", "run", "x", "-c", "echo hi"]).unwrap();
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
         assert_eq!(run.shell.as_deref(), Some("echo hi".as_ref()));
-        assert!(Cli::try_parse_from(["pglock", "run", "x"]).is_err());
+        assert!(try_parse(["pglock", "run", "x"]).is_err());
         // Without `--`, a typo in an option never runs as a command.
-        assert!(Cli::try_parse_from(["pglock", "run", "x", "ls"]).is_err());
-        assert!(Cli::try_parse_from(["pglock", "run", "x", "--bogus", "--", "ls"]).is_err());
-        assert!(Cli::try_parse_from(["pglock", "run", "x", "-c", "a", "--", "b"]).is_err());
-        assert!(Cli::try_parse_from(["pglock", "run", "x", "-n", "-w", "1", "--", "b"]).is_err());
+        assert!(try_parse(["pglock", "run", "x", "ls"]).is_err());
+        assert!(try_parse(["pglock", "run", "x", "--bogus", "--", "ls"]).is_err());
+        assert!(try_parse(["pglock", "run", "x", "-c", "a", "--", "b"]).is_err());
+        assert!(try_parse(["pglock", "run", "x", "-n", "-w", "1", "--", "b"]).is_err());
     }
 }

@@ -5,16 +5,22 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use pglock::postgres::config::TargetSessionAttrs;
-use pglock::postgres::{self, Client, Config, NoTls};
+use std::path::{Path, PathBuf};
+
+use pglock::postgres::{self, Client, Config};
 use pglock::r2d2::{self, ManageConnection};
 use pglock::r2d2_postgres::PostgresConnectionManager;
 use pglock::NetworkTimeout;
+use postgres_openssl::MakeTlsConnector;
 
 use crate::args::Conn;
-use crate::Fail;
+use crate::fail::{describe_pg, Fail};
+use crate::format::{truncate_at_char_boundary, APPLICATION_NAME_MAX};
+use crate::libpq::{bad_setting, pgpass_lookup, quote, Settings};
+use crate::tls::Tls;
 
 /// How long a connection attempt may take when the settings do not say
-/// (`connect_timeout` in the DSN, `PGCONNECT_TIMEOUT`).
+/// (`connect_timeout`, `PGCONNECT_TIMEOUT`).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection settings, and where they came from (for messages).
@@ -23,11 +29,16 @@ pub(crate) struct Target {
     pub(crate) source: &'static str,
     /// `--network-timeout`, unless 0.
     network: Option<NetworkTimeout>,
+    tls: Tls,
+    connector: MakeTlsConnector,
+    /// `application_name` from the settings (`PGAPPNAME`): it wins over pglock's own.
+    application_name: Option<String>,
 }
 
 impl Target {
-    /// From `--dsn`, else `DATABASE_URL`, else the `PG*` variables; with
-    /// `--network-timeout` set on the client's socket.
+    /// From `--dsn`, else `DATABASE_URL`, with libpq's layers under it (a service file's
+    /// entry, the `PG*` variables, the defaults: see libpq.rs); with `--network-timeout`
+    /// set on the client's socket.
     pub(crate) fn from_env(conn: &Conn) -> Result<Target, Fail> {
         let (text, source) = match conn.dsn.as_deref() {
             Some(dsn) => (Some(dsn.to_owned()), "--dsn"),
@@ -36,24 +47,34 @@ impl Target {
                 _ => (None, "the PG* environment variables"),
             },
         };
-        let explicit_target_session_attrs = text
-            .as_deref()
-            .is_some_and(|t| t.to_ascii_lowercase().contains("target_session_attrs"));
-        let mut config = match text {
-            Some(text) => text.parse::<Config>().map_err(|e| {
-                Fail::usage(format!(
-                    "invalid connection string in {source} ({}): {}",
-                    redact_dsn(&text),
-                    crate::describe_pg(&e)
-                ))
-            })?,
-            None => config_from_pg_env(|name| std::env::var(name).ok())?,
+        let invalid = |why: String| match &text {
+            Some(text) => Fail::usage(format!(
+                "invalid connection string in {source} ({}): {why}",
+                redact_dsn(text)
+            )),
+            None => Fail::usage(format!("invalid connection settings: {why}")),
         };
+        let var = |name: &str| std::env::var(name).ok();
+        let mut settings = Settings::resolve(text.as_deref(), &var).map_err(invalid)?;
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let tls = Tls::from_settings(&mut settings, home.as_deref())?;
+        let explicit_target_session_attrs = settings.get("target_session_attrs").is_some();
+        let application_name = settings.remove("application_name");
+        let passfile = settings
+            .remove("passfile")
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".pgpass")));
+        settings.remove("service");
+        let mut config = build_config(&settings).map_err(|e| match e {
+            Built::Usage(fail) => fail,
+            Built::Whole(why) => invalid(why),
+        })?;
+        config.ssl_mode(tls.ssl_mode());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
         if config.get_password().is_none() {
-            if let Some(password) = password_from_file(&config) {
+            if let Some(password) = passfile.and_then(|file| password_from_file(&config, &file)) {
                 config.password(password);
             }
         }
@@ -71,10 +92,35 @@ impl Target {
         if let Some(network) = network {
             network.client_only().apply(&mut config);
         }
+        let connector = tls.connector()?;
         Ok(Target {
             config,
             source,
             network,
+            tls,
+            connector,
+            application_name,
+        })
+    }
+
+    /// The TLS connector of every connection, and of cancel requests.
+    pub(crate) fn connector(&self) -> MakeTlsConnector {
+        self.connector.clone()
+    }
+
+    /// Connects once, now, without a pool.
+    fn client(&self, config: &Config) -> Result<Client, Fail> {
+        config.connect(self.connector.clone()).map_err(|e| {
+            let why = describe_pg(&e);
+            let hint = self
+                .tls
+                .hint(&why)
+                .map_or(String::new(), |h| format!(": {h}"));
+            Fail::unavailable(format!(
+                "cannot connect to {} (from {}): {why}{hint}",
+                describe(config),
+                self.source,
+            ))
         })
     }
 
@@ -92,15 +138,10 @@ impl Target {
         session: Session<'_>,
     ) -> Result<Pool, Fail> {
         let mut config = self.config.clone();
-        config.application_name(application_name);
-        let mut client = config.connect(NoTls).map_err(|e| {
-            Fail::unavailable(format!(
-                "cannot connect to {} (from {}): {}",
-                describe(&config),
-                self.source,
-                crate::describe_pg(&e)
-            ))
-        })?;
+        config.application_name(self.application_name.as_deref().unwrap_or(
+            truncate_at_char_boundary(application_name, APPLICATION_NAME_MAX),
+        ));
+        let mut client = self.client(&config)?;
         if let Session::Advisory { name, direct } = session {
             check_advisory_session(&mut client, &config, name, direct)?;
         }
@@ -135,7 +176,7 @@ impl Target {
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let manager = FirstThenConnect {
             first: Mutex::new(Some(client)),
-            inner: PostgresConnectionManager::new(config, NoTls),
+            inner: PostgresConnectionManager::new(config, self.connector.clone()),
             setup,
         };
         Ok(r2d2::Pool::builder()
@@ -235,7 +276,7 @@ fn check_advisory_session(
         Fail::unavailable(format!(
             "cannot check the session at {}: {}",
             describe(config),
-            crate::describe_pg(&e)
+            describe_pg(&e)
         ))
     };
     let row = client
@@ -289,18 +330,11 @@ pub(crate) fn encoding_warning(name: &str, server_encoding: &str) -> Option<Stri
 
 /// The server's encoding, for `pglock key --dsn`.
 pub(crate) fn server_encoding(target: &Target) -> Result<String, Fail> {
-    let mut client = target.config.connect(NoTls).map_err(|e| {
-        Fail::unavailable(format!(
-            "cannot connect to {} (from {}): {}",
-            target.describe(),
-            target.source,
-            crate::describe_pg(&e)
-        ))
-    })?;
+    let mut client = target.client(&target.config)?;
     client
         .query_one("SELECT current_setting('server_encoding')", &[])
         .map(|row| row.get(0))
-        .map_err(|e| Fail::unavailable(crate::describe_pg(&e)))
+        .map_err(|e| Fail::unavailable(describe_pg(&e)))
 }
 
 /// The pool of the CLI: one connection at a time.
@@ -310,7 +344,7 @@ pub(crate) type Pool = r2d2::Pool<FirstThenConnect>;
 /// normally (when that one died).
 pub(crate) struct FirstThenConnect {
     first: Mutex<Option<Client>>,
-    inner: PostgresConnectionManager<NoTls>,
+    inner: PostgresConnectionManager<MakeTlsConnector>,
     /// Sent on every later connection, as on the first.
     setup: Vec<String>,
 }
@@ -356,75 +390,61 @@ impl ManageConnection for FirstThenConnect {
     }
 }
 
-/// libpq's variables, as far as they apply: `PGHOST` (a comma-separated list; default
-/// `localhost`), `PGPORT`, `PGUSER` (default: `USER`, else `LOGNAME`), `PGDATABASE`,
-/// `PGPASSWORD`, `PGCONNECT_TIMEOUT`.
-pub(crate) fn config_from_pg_env(var: impl Fn(&str) -> Option<String>) -> Result<Config, Fail> {
-    let var = |name: &str| var(name).filter(|v| !v.is_empty());
-    let mut config = Config::new();
-    match var("PGHOST") {
-        Some(hosts) => {
-            for host in hosts.split(',') {
-                config.host(host.trim());
+/// The settings, as the `postgres` crate's `Config` (which parses and checks each of
+/// them): a setting from a service file or a variable that does not parse is named with
+/// where it came from.
+fn build_config(settings: &Settings) -> Result<Config, Built> {
+    let mut text = String::new();
+    for (key, value, from) in settings.iter() {
+        let value = match key {
+            // libpq: 0 or nothing waits forever, less than 2 s is 2 s.
+            "connect_timeout" => match value.trim().parse::<u64>() {
+                Ok(0) => continue,
+                Ok(secs) => secs.max(2).to_string(),
+                Err(_) => {
+                    return Err(Built::Usage(bad_setting(
+                        key,
+                        from,
+                        &format!("not a number of seconds: {value:?}"),
+                    )))
+                }
+            },
+            _ => value.to_owned(),
+        };
+        let pair = format!("{key}={} ", quote(&value));
+        if *from != crate::libpq::From::ConnString {
+            if let Err(e) = pair.parse::<Config>() {
+                return Err(Built::Usage(bad_setting(key, from, &config_error(&e))));
             }
         }
-        None => {
-            config.host("localhost");
-        }
+        text += &pair;
     }
-    if let Some(port) = var("PGPORT") {
-        let port = port
-            .trim()
-            .parse::<u16>()
-            .map_err(|_| Fail::usage(format!("PGPORT is not a port number: {port:?}")))?;
-        config.port(port);
-    }
-    if let Some(user) = var("PGUSER")
-        .or_else(|| var("USER"))
-        .or_else(|| var("LOGNAME"))
-    {
-        config.user(&user);
-    }
-    if let Some(db) = var("PGDATABASE") {
-        config.dbname(&db);
-    }
-    if let Some(password) = var("PGPASSWORD") {
-        config.password(password);
-    }
-    if let Some(secs) = var("PGCONNECT_TIMEOUT") {
-        let secs = secs.trim().parse::<u64>().map_err(|_| {
-            Fail::usage(format!(
-                "PGCONNECT_TIMEOUT is not a number of seconds: {secs:?}"
-            ))
-        })?;
-        if secs > 0 {
-            config.connect_timeout(Duration::from_secs(secs.max(2)));
-        }
-    }
-    Ok(config)
+    text.parse::<Config>()
+        .map_err(|e| Built::Whole(config_error(&e)))
 }
 
-/// The password file: `PGPASSFILE`, else `~/.pgpass`, as libpq reads it: ignored when
-/// group or others may read it (with a warning), and when the settings name several
-/// hosts (a connection has one password here).
-fn password_from_file(config: &Config) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = match std::env::var_os("PGPASSFILE").filter(|p| !p.is_empty()) {
-        Some(path) => std::path::PathBuf::from(path),
-        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".pgpass"),
-    };
-    let meta = std::fs::metadata(&path).ok()?;
-    if !meta.is_file() {
-        return None;
+/// A `Config` parse error without its "invalid connection string: " (the caller says
+/// what was invalid, once).
+fn config_error(e: &postgres::Error) -> String {
+    let why = describe_pg(e);
+    match why.strip_prefix("invalid connection string: ") {
+        Some(rest) => rest.to_owned(),
+        None => why,
     }
-    if meta.permissions().mode() & 0o077 != 0 {
-        eprintln!(
-            "pglock: warning: password file {} has group or world access; permissions \
-             should be u=rw (0600) or less; not read",
-            path.display()
-        );
-        return None;
-    }
+}
+
+/// Why [`build_config`] failed.
+enum Built {
+    /// One setting, from outside the connection string.
+    Usage(Fail),
+    /// The whole: the connection string's fault.
+    Whole(String),
+}
+
+/// The password file, as libpq reads it: ignored when group or others may read it (with
+/// a warning), and when the settings name several hosts (a connection has one password
+/// here).
+fn password_from_file(config: &Config, path: &Path) -> Option<String> {
     let [host] = config.get_hosts() else {
         return None;
     };
@@ -441,43 +461,8 @@ fn password_from_file(config: &Config) -> Option<String> {
         .to_string();
     let user = config.get_user()?;
     let db = config.get_dbname().unwrap_or(user);
-    let text = std::fs::read_to_string(&path).ok()?;
+    let text = crate::libpq::password_file(path)?;
     pgpass_lookup(&text, [&host, &port, db, user])
-}
-
-/// The password of the first line of a `.pgpass` file that matches `host:port:db:user`
-/// (`*` matches anything; `\:` and `\\` are a literal `:` and `\`; `#` starts a comment
-/// line).
-pub(crate) fn pgpass_lookup(text: &str, wanted: [&str; 4]) -> Option<String> {
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let mut fields: Vec<String> = vec![String::new()];
-        let mut chars = line.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some(next) = chars.next() {
-                        fields.last_mut()?.push(next);
-                    }
-                }
-                ':' if fields.len() < 5 => fields.push(String::new()),
-                c => fields.last_mut()?.push(c),
-            }
-        }
-        if fields.len() != 5 {
-            continue;
-        }
-        let matches = fields[..4]
-            .iter()
-            .zip(wanted)
-            .all(|(field, want)| field == "*" || field == want);
-        if matches {
-            return fields.pop();
-        }
-    }
-    None
 }
 
 /// `host=a,b port=5432 user=u dbname=d`, from the settings: never the password.
@@ -774,26 +759,6 @@ mod tests {
     }
 
     #[test]
-    fn pgpass_lines_match_like_libpq() {
-        let text = "# comment\n\
-                    db.example:5432:app:alice:first\n\
-                    *:*:*:bob:b\\:pw\\\\x\n\
-                    short:line\n\
-                    *:*:*:*:fallback:with:colons\n";
-        let find = |w: [&str; 4]| pgpass_lookup(text, w);
-        assert_eq!(
-            find(["db.example", "5432", "app", "alice"]).as_deref(),
-            Some("first")
-        );
-        assert_eq!(find(["h", "1", "d", "bob"]).as_deref(), Some("b:pw\\x"));
-        assert_eq!(
-            find(["db.example", "5433", "app", "alice"]).as_deref(),
-            Some("fallback:with:colons")
-        );
-        assert_eq!(pgpass_lookup("h:1:d:u:p", ["h", "1", "d", "v"]), None);
-    }
-
-    #[test]
     fn key_values_lose_their_password() {
         assert_eq!(
             redact_dsn("host=db user=alice password=s3cret dbname=app"),
@@ -813,34 +778,5 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(describe(&config), "host=db port=6543 user=alice dbname=app");
-    }
-
-    #[test]
-    fn pg_variables_build_the_config() {
-        let env = |name: &str| {
-            match name {
-                "PGHOST" => Some("h1,h2"),
-                "PGPORT" => Some("6000"),
-                "PGUSER" => Some("bob"),
-                "PGDATABASE" => Some("jobs"),
-                "PGPASSWORD" => Some("pw"),
-                "PGCONNECT_TIMEOUT" => Some("3"),
-                _ => None,
-            }
-            .map(str::to_owned)
-        };
-        let config = config_from_pg_env(env).unwrap();
-        assert_eq!(
-            describe(&config),
-            "host=h1,h2 port=6000 user=bob dbname=jobs"
-        );
-        assert_eq!(config.get_password(), Some(&b"pw"[..]));
-        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
-
-        let defaults = config_from_pg_env(|name| (name == "USER").then(|| "carol".to_owned()));
-        assert_eq!(describe(&defaults.unwrap()), "host=localhost user=carol");
-
-        let bad = config_from_pg_env(|name| (name == "PGPORT").then(|| "x".to_owned()));
-        assert_eq!(bad.err().map(|f| f.code), Some(crate::EX_USAGE));
     }
 }

@@ -55,26 +55,13 @@ pub(crate) fn trampoline(args: &[OsString]) -> ! {
         }
         _ => die("internal: bad supervisor arguments"),
     };
-    // Signals that reach the group (forwarded by pglock) reach the command directly; the
-    // supervisor only has to survive them. Signals ignored when pglock started stay
-    // ignored (not caught here), so that the command inherits them ignored.
-    let ignored = crate::run::ignored_signals();
-    let mut caught: Vec<i32> = crate::run::FORWARDED
-        .iter()
-        .map(|&s| s as i32)
-        .filter(|&s| ignored & (1u64 << (s - 1)) == 0)
-        .collect();
-    caught.push(PARENT_DEATH as i32);
-    let mut signals = match Signals::new(&caught) {
-        Ok(signals) => signals,
-        Err(e) => die(&format!("cannot install signal handlers: {e}")),
-    };
+    let mut signals = catch_signals();
     if let Err(e) = nix::sys::prctl::set_pdeathsig(PARENT_DEATH) {
         die(&format!("cannot set the parent-death signal: {e}"));
     }
     if getppid().as_raw() != parent {
         // pglock died before the signal was set: nobody holds the lock for us.
-        std::process::exit(i32::from(crate::EX_SOFTWARE));
+        std::process::exit(i32::from(crate::fail::EX_SOFTWARE));
     }
     // Held while the command is being started, so that pglock's death in the meantime is
     // acted on only once the command exists (and is killed with the group).
@@ -89,7 +76,7 @@ pub(crate) fn trampoline(args: &[OsString]) -> ! {
                     let _spawned = watcher.lock().unwrap_or_else(|p| p.into_inner());
                     // pglock is gone, and with it the lock: the whole group goes too.
                     let _ = killpg(getpgrp(), Signal::SIGKILL);
-                    std::process::exit(i32::from(crate::EX_SOFTWARE));
+                    std::process::exit(i32::from(crate::fail::EX_SOFTWARE));
                 }
             }
         });
@@ -129,11 +116,29 @@ pub(crate) fn trampoline(args: &[OsString]) -> ! {
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             std::process::exit(128 + signal)
         }
-        (None, None) => std::process::exit(i32::from(crate::EX_SOFTWARE)),
+        (None, None) => std::process::exit(i32::from(crate::fail::EX_SOFTWARE)),
+    }
+}
+
+/// Catches the forwarded signals and [`PARENT_DEATH`]. Signals that reach the group
+/// (forwarded by pglock) reach the command directly; the supervisor only has to survive
+/// them. Signals ignored when pglock started stay ignored (not caught here), so that the
+/// command inherits them ignored.
+fn catch_signals() -> Signals {
+    let ignored = crate::child::ignored_signals();
+    let mut caught: Vec<i32> = crate::child::FORWARDED
+        .iter()
+        .map(|&s| s as i32)
+        .filter(|&s| ignored & (1u64 << (s - 1)) == 0)
+        .collect();
+    caught.push(PARENT_DEATH as i32);
+    match Signals::new(&caught) {
+        Ok(signals) => signals,
+        Err(e) => die(&format!("cannot install signal handlers: {e}")),
     }
 }
 
 fn die(msg: &str) -> ! {
     eprintln!("pglock: {msg}");
-    std::process::exit(i32::from(crate::EX_SOFTWARE))
+    std::process::exit(i32::from(crate::fail::EX_SOFTWARE))
 }

@@ -23,15 +23,17 @@
 
 use std::time::{Duration, Instant};
 
-use pglock::{
-    Error, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable, OwnedLeaseGuard,
-};
+use std::sync::{Arc, Mutex};
 
+use pglock::{LeaseGuard, LeaseInfo, LeaseLock, LeaseOptions, LeaseSemaphore, LeaseTable};
+use serde_json::json;
+
+use crate::acquire::{acquire, Wanted, Watched};
 use crate::args::{Conn, LeaseAcquireArgs, LeaseCommand, LeaseGetArgs, LeaseTokenArgs, RunArgs};
+use crate::child::ChildState;
 use crate::conn::{FirstThenConnect, Pool, Session, Target};
-use crate::run::{lock_fail, state, ChildState, Shared};
-use crate::show::{self, json_string};
-use crate::{check_name, Fail, EX_STALE_TOKEN};
+use crate::fail::{check_name, describe_lock_error, lock_fail, Fail, EX_STALE_TOKEN};
+use crate::format::{self as show, json_string};
 
 /// The longest default `--grace`.
 const MAX_DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -112,21 +114,44 @@ fn table(name: Option<&str>) -> Result<LeaseTable, Fail> {
 }
 
 /// `--create-table`: `CREATE ... IF NOT EXISTS`, serialized on the server.
-fn create_table(pool: &Pool, table: &LeaseTable) -> Result<(), Fail> {
+pub(crate) fn create_table_if_asked(
+    pool: &Pool,
+    table: &LeaseTable,
+    asked: bool,
+) -> Result<(), Fail> {
+    if !asked {
+        return Ok(());
+    }
     let mut conn = pool
         .get()
         .map_err(|e| Fail::unavailable(format!("cannot connect: {e}")))?;
     table.create(&mut conn).map_err(lock_fail)
 }
 
-/// A held lease of `run --lease`.
-pub(crate) struct Held {
-    pub(crate) guard: OwnedLeaseGuard<FirstThenConnect>,
+/// The lease options of `run --lease`.
+pub(crate) fn options(plan: &Plan, args: &RunArgs) -> LeaseOptions {
+    LeaseOptions::new()
+        .table(plan.table.clone())
+        .lease(plan.lease)
+        .heartbeat(plan.heartbeat)
+        .safety_margin(plan.margin)
+        .notify(args.notify)
+}
+
+/// A held lease of `run --lease` (a slot of a lease semaphore with `--slots`).
+pub(crate) struct Held<'a> {
+    guard: LeaseGuard<'a, FirstThenConnect>,
     semaphore: bool,
 }
 
-impl Held {
-    pub(crate) fn describe(&self) -> String {
+impl<'a> Held<'a> {
+    pub(crate) fn new(guard: LeaseGuard<'a, FirstThenConnect>, semaphore: bool) -> Self {
+        Held { guard, semaphore }
+    }
+}
+
+impl Watched for Held<'_> {
+    fn describe(&self, _name: &str) -> String {
         let slot = if self.semaphore {
             format!(", slot {}", self.guard.slot())
         } else {
@@ -134,138 +159,61 @@ impl Held {
         };
         format!("{} (token {}{slot})", self.guard.key(), self.guard.token())
     }
-}
 
-/// A lease lock or semaphore, not yet held.
-enum Leased {
-    Lock(LeaseLock<FirstThenConnect>),
-    Semaphore(LeaseSemaphore<FirstThenConnect>),
-}
-
-impl Leased {
-    fn new(
-        pool: &Pool,
-        name: &str,
-        slots: Option<u32>,
-        options: LeaseOptions,
-    ) -> Result<Self, Fail> {
-        match slots {
-            Some(n) => LeaseSemaphore::with_options(pool, name, n, options).map(Leased::Semaphore),
-            None => LeaseLock::with_options(pool, name, options).map(Leased::Lock),
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("PGLOCK_TOKEN", self.guard.token().to_string())];
+        if self.semaphore {
+            env.push(("PGLOCK_SLOT", self.guard.slot().to_string()));
         }
-        .map_err(lock_fail)
+        env
     }
 
-    fn lock_owned(self) -> pglock::Result<OwnedLeaseGuard<FirstThenConnect>> {
-        match self {
-            Leased::Lock(lock) => lock.lock_owned(),
-            Leased::Semaphore(sem) => sem.lock_owned(),
-        }
+    fn noun(&self) -> &'static str {
+        "lease"
     }
 
-    fn cancel_handle(&self) -> pglock::CancelHandle {
-        match self {
-            Leased::Lock(lock) => lock.cancel_handle(),
-            Leased::Semaphore(sem) => sem.cancel_handle(),
-        }
+    fn lost(&mut self, tick: Duration) -> Option<String> {
+        self.guard.watch().wait_lost(tick).then(|| {
+            format!(
+                "the lease {}: it could not be renewed before the holder's deadline, or the \
+                 server found it expired or taken over",
+                self.describe("")
+            )
+        })
     }
 
-    fn read(&self) -> pglock::Result<Vec<LeaseInfo>> {
-        match self {
-            Leased::Lock(lock) => Ok(lock.read()?.into_iter().collect()),
-            Leased::Semaphore(sem) => sem.read(),
-        }
+    fn unlock(self) -> pglock::Result<()> {
+        self.guard.unlock()
+    }
+
+    /// No release: the lease is lost already, and a release could wait behind a row
+    /// lock (the very thing that may have stopped the heartbeats). The lease expires on
+    /// the server by itself, after at most the margin; the process and its heartbeat
+    /// thread end soon.
+    fn abandon(self) {
+        std::mem::forget(self.guard);
     }
 }
 
-/// Takes the lease of `run --lease` as the options say: `None` when it stayed busy.
-pub(crate) fn acquire(
-    pool: &Pool,
-    plan: &Plan,
-    args: &RunArgs,
-    start: Instant,
-    shared: &Shared,
-) -> Result<Option<Held>, Fail> {
-    if args.create_table {
-        create_table(pool, &plan.table)?;
-    }
-    let options = LeaseOptions::new()
-        .table(plan.table.clone())
-        .lease(plan.lease)
-        .heartbeat(plan.heartbeat)
-        .safety_margin(plan.margin)
-        .notify(args.notify);
-    let held = |guard| Held {
-        guard,
-        semaphore: args.slots.is_some(),
-    };
-    let reader_options = options.clone();
-    let busy_text = || {
-        let what = match args.slots {
-            Some(n) => format!("all {n} slots of lease {}", json_string(&args.name)),
-            None => format!("lease {}", json_string(&args.name)),
-        };
-        let holders = Leased::new(pool, &args.name, args.slots, reader_options.clone())
-            .ok()
-            .map(|l| l.read());
-        (what, holders_text(holders))
-    };
-    // One try first: the common case, and the moment to say who is in the way.
-    let first = Leased::new(
-        pool,
-        &args.name,
-        args.slots,
-        options.clone().lock_timeout(Duration::ZERO),
-    )?;
-    match first.lock_owned() {
-        Ok(guard) => return Ok(Some(held(guard))),
-        Err(Error::Timeout { .. }) => {}
-        Err(e) => return Err(lock_fail(e)),
-    }
-    let limit = if args.nonblock {
-        Some(Duration::ZERO)
-    } else {
-        args.wait
-    };
-    let rest = limit.map(|limit| limit.saturating_sub(start.elapsed()));
-    let report = || {
-        if !args.quiet {
-            let waited = if args.nonblock || args.wait == Some(Duration::ZERO) {
-                String::new()
-            } else {
-                format!(" after waiting {}", show::secs(start.elapsed()))
-            };
-            let (what, holders) = busy_text();
-            let verb = if args.slots.is_some() { "are" } else { "is" };
-            eprintln!("pglock: {what} {verb} busy{waited}, {holders}");
-        }
-    };
-    if rest == Some(Duration::ZERO) {
-        report();
-        return Ok(None);
-    }
-    if args.verbose {
-        let bound = match rest {
-            Some(rest) => format!(" at most {}", show::secs(rest)),
-            None => String::new(),
-        };
-        let (what, holders) = busy_text();
-        eprintln!("pglock: {what} busy, {holders}; waiting{bound}");
-    }
-    let options = match rest {
-        Some(rest) => options.lock_timeout(rest),
-        None => options,
-    };
-    let leased = Leased::new(pool, &args.name, args.slots, options)?;
-    *state(shared) = ChildState::Waiting(Some(leased.cancel_handle()));
-    match leased.lock_owned() {
-        Ok(guard) => Ok(Some(held(guard))),
-        Err(Error::Timeout { .. }) => {
-            report();
-            Ok(None)
-        }
-        Err(e) => Err(lock_fail(e)),
-    }
+/// Who holds the lease (or the slots of a lease semaphore), read through a connection
+/// of its own: the lock's own may be busy waiting.
+pub(crate) fn holders(
+    target: &Target,
+    table: &LeaseTable,
+    name: &str,
+    slots: Option<u32>,
+) -> String {
+    let options = LeaseOptions::new().table(table.clone());
+    let rows = target
+        .connect("pglock run (holders)", Session::Lease)
+        .ok()
+        .map(|pool| match slots {
+            Some(n) => LeaseSemaphore::with_options(&pool, name, n, options).and_then(|s| s.read()),
+            None => LeaseLock::with_options(&pool, name, options)
+                .and_then(|l| l.read())
+                .map(|r| r.into_iter().collect()),
+        });
+    holders_text(rows)
 }
 
 /// "held by OWNER (token T, slot S) for 1.234 s more; ...".
@@ -293,7 +241,7 @@ fn holders_text(rows: Option<pglock::Result<Vec<LeaseInfo>>>) -> String {
         }
         Some(Err(e)) => format!(
             "and its holders could not be read: {}",
-            crate::describe_lock_error(&e)
+            describe_lock_error(&e)
         ),
         None => "and its holders could not be read".to_owned(),
     }
@@ -315,25 +263,21 @@ fn connect(
     subcommand: &str,
     name: &str,
     table_args: &crate::args::TableArgs,
-) -> Result<(Pool, LeaseTable), Fail> {
+) -> Result<(Target, Pool, LeaseTable), Fail> {
     check_name(name)?;
     let table = table(table_args.table.as_deref())?;
     let target = Target::from_env(conn)?;
-    let app =
-        crate::run::truncate_at_char_boundary(&format!("pglock lease {subcommand}"), 63).to_owned();
-    let pool = target.connect(&app, Session::Lease)?;
-    if table_args.create_table {
-        create_table(&pool, &table)?;
-    }
-    Ok((pool, table))
+    let pool = target.connect(&format!("pglock lease {subcommand}"), Session::Lease)?;
+    create_table_if_asked(&pool, &table, table_args.create_table)?;
+    Ok((target, pool, table))
 }
 
 fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(conn, "acquire", &args.name, &args.table)?;
+    let (target, pool, table) = connect(conn, "acquire", &args.name, &args.table)?;
     let owner = args
         .owner
         .clone()
-        .unwrap_or_else(|| format!("pglock lease {}", crate::run::hostname()));
+        .unwrap_or_else(|| format!("pglock lease {}", show::hostname()));
     let mut options = LeaseOptions::new()
         .table(table.clone())
         .lease(args.lease)
@@ -342,33 +286,31 @@ fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
     if let Some(data) = &args.data {
         options = options.data(data.as_bytes());
     }
-    let lock = LeaseLock::with_options(&pool, &args.name, options).map_err(lock_fail)?;
-    let start = Instant::now();
-    let guard = match lock.lock_owned() {
-        Ok(guard) => guard,
-        Err(Error::Timeout { .. }) => {
-            let reader =
-                LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
-                    .map_err(lock_fail)?;
-            let waited = match args.wait {
-                Some(w) if !w.is_zero() => {
-                    format!(" after waiting {}", show::secs(start.elapsed()))
-                }
-                _ => String::new(),
-            };
-            eprintln!(
-                "pglock: lease {} is busy{waited}, {}",
-                json_string(&args.name),
-                holders_text(Some(reader.read().map(|r| r.into_iter().collect())))
-            );
-            return Ok(args.conflict_exit_code);
-        }
-        Err(e) => return Err(lock_fail(e)),
+    let mut lock = LeaseLock::with_options(&pool, &args.name, options).map_err(lock_fail)?;
+    let reader = || holders(&target, &table, &args.name, None);
+    let wait = args.wait.unwrap_or(Duration::ZERO);
+    let wanted = Wanted {
+        what: format!("lease {}", json_string(&args.name)),
+        plural: false,
+        limit: Some(wait),
+        say_waited: !wait.is_zero(),
+        quiet: false,
+        verbose: false,
+        holders: &reader,
+        tls: target.connector(),
     };
-    let token = guard.token();
-    // The lease must outlive this process: no release. Its heartbeat thread (started,
-    // due only a third of the lease from now) ends with the process.
-    std::mem::forget(guard);
+    // No signal thread here: a signal ends the wait the default way.
+    let shared = Arc::new(Mutex::new(ChildState::Waiting(None)));
+    let token = acquire(&mut lock, &wanted, Instant::now(), &shared, |guard| {
+        let token = guard.token();
+        // The lease must outlive this process: no release. Its heartbeat thread
+        // (started, due only a third of the lease from now) ends with the process.
+        std::mem::forget(guard);
+        Ok(token)
+    })?;
+    let Some(token) = token else {
+        return Ok(args.conflict_exit_code);
+    };
     print_token(&args.name, token, args.lease, args.json);
     Ok(0)
 }
@@ -376,11 +318,9 @@ fn acquire_command(conn: &Conn, args: LeaseAcquireArgs) -> Result<u8, Fail> {
 /// `{"name":...,"token":...,"expires_in_ms":...}`, or the token alone.
 fn print_token(name: &str, token: i64, expires_in: Duration, json: bool) {
     if json {
-        println!(
-            "{{\"name\":{},\"token\":{token},\"expires_in_ms\":{}}}",
-            json_string(name),
-            expires_in.as_millis()
-        );
+        let out =
+            json!({"name": name, "token": token, "expires_in_ms": expires_in.as_millis() as u64});
+        println!("{out}");
     } else {
         println!("{token}");
     }
@@ -388,7 +328,7 @@ fn print_token(name: &str, token: i64, expires_in: Duration, json: bool) {
 
 fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8, Fail> {
     let subcommand = if release { "release" } else { "heartbeat" };
-    let (pool, table) = connect(conn, subcommand, &args.name, &args.table)?;
+    let (_, pool, table) = connect(conn, subcommand, &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let stale = || Fail {
@@ -406,11 +346,8 @@ fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8,
             return Err(stale());
         }
         if args.json {
-            println!(
-                "{{\"name\":{},\"token\":{},\"released\":true}}",
-                json_string(&args.name),
-                args.token
-            );
+            let out = json!({"name": args.name, "token": args.token, "released": true});
+            println!("{out}");
         }
     } else {
         match lock.renew_token(args.token).map_err(lock_fail)? {
@@ -422,7 +359,7 @@ fn token_command(conn: &Conn, args: LeaseTokenArgs, release: bool) -> Result<u8,
 }
 
 fn get_command(conn: &Conn, args: LeaseGetArgs) -> Result<u8, Fail> {
-    let (pool, table) = connect(conn, "get", &args.name, &args.table)?;
+    let (_, pool, table) = connect(conn, "get", &args.name, &args.table)?;
     let lock = LeaseLock::with_options(&pool, &args.name, LeaseOptions::new().table(table))
         .map_err(lock_fail)?;
     let info = lock.read().map_err(lock_fail)?;
@@ -445,32 +382,26 @@ fn data_text(data: &[u8]) -> String {
     }
 }
 
-fn info_json(name: &str, info: Option<&LeaseInfo>) -> String {
+fn info_json(name: &str, info: Option<&LeaseInfo>) -> serde_json::Value {
     let Some(i) = info else {
-        return format!(
-            "{{\"name\":{},\"held\":false,\"owner\":null,\"token\":null,\"expires_in_ms\":0,\
-             \"lease_ms\":null,\"acquired_at\":null,\"renewed_at\":null,\"expires_at\":null,\
-             \"data\":null}}",
-            json_string(name)
-        );
+        return json!({
+            "name": name, "held": false, "owner": null, "token": null, "expires_in_ms": 0,
+            "lease_ms": null, "acquired_at": null, "renewed_at": null, "expires_at": null,
+            "data": null,
+        });
     };
-    format!(
-        "{{\"name\":{},\"held\":{},\"owner\":{},\"token\":{},\"expires_in_ms\":{},\
-         \"lease_ms\":{},\"acquired_at\":\"{}\",\"renewed_at\":\"{}\",\"expires_at\":\"{}\",\
-         \"data\":{}}}",
-        json_string(name),
-        i.held,
-        json_string(&i.owner),
-        i.token,
-        i.remaining.as_millis(),
-        i.lease.as_millis(),
-        show::rfc3339(i.acquired_at),
-        show::rfc3339(i.renewed_at),
-        show::rfc3339(i.expires_at),
-        i.data
-            .as_deref()
-            .map_or("null".to_owned(), |d| json_string(&data_text(d)))
-    )
+    json!({
+        "name": name,
+        "held": i.held,
+        "owner": i.owner,
+        "token": i.token,
+        "expires_in_ms": i.remaining.as_millis() as u64,
+        "lease_ms": i.lease.as_millis() as u64,
+        "acquired_at": show::rfc3339(i.acquired_at),
+        "renewed_at": show::rfc3339(i.renewed_at),
+        "expires_at": show::rfc3339(i.expires_at),
+        "data": i.data.as_deref().map(data_text),
+    })
 }
 
 fn info_text(name: &str, info: Option<&LeaseInfo>) -> String {

@@ -8,113 +8,27 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms)]
 
+// Modules depend one way, top to bottom: the commands (run, lease, show) over lock
+// acquisition (acquire), child supervision (child, exec), the connection (conn), and
+// the leaves: formatting (format) and failures (fail).
+mod acquire;
 mod args;
+mod child;
 mod conn;
 mod exec;
+mod fail;
+mod format;
 mod lease;
+mod libpq;
 mod run;
 mod show;
+mod tls;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use crate::args::{Cli, Command};
-
-/// sysexits' EX_USAGE: the command line (or a name, or a connection string) is wrong.
-pub(crate) const EX_USAGE: u8 = 64;
-/// sysexits' EX_UNAVAILABLE: the database cannot be reached.
-pub(crate) const EX_UNAVAILABLE: u8 = 69;
-/// sysexits' EX_SOFTWARE: any other failure of pglock itself.
-pub(crate) const EX_SOFTWARE: u8 = 70;
-/// The lock was lost while the command ran; the command was terminated.
-pub(crate) const EX_LOCK_LOST: u8 = 75;
-/// `pglock lease heartbeat|release`: the token does not hold the lease any more.
-pub(crate) const EX_STALE_TOKEN: u8 = 76;
-
-/// A failure that ends pglock with `code`, after printing `msg`.
-#[derive(Debug)]
-pub(crate) struct Fail {
-    pub(crate) code: u8,
-    pub(crate) msg: String,
-}
-
-impl Fail {
-    pub(crate) fn usage(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_USAGE,
-            msg: msg.into(),
-        }
-    }
-
-    pub(crate) fn unavailable(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_UNAVAILABLE,
-            msg: msg.into(),
-        }
-    }
-
-    pub(crate) fn internal(msg: impl Into<String>) -> Fail {
-        Fail {
-            code: EX_SOFTWARE,
-            msg: msg.into(),
-        }
-    }
-}
-
-/// The message and SQLSTATE of a `postgres::Error` (its `Display` may say only "db error").
-/// Its sources (an I/O error, a parse error) follow after colons.
-pub(crate) fn describe_pg(e: &pglock::postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        ),
-        None => {
-            let mut out = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !out.ends_with(&text) {
-                    out += &format!(": {text}");
-                }
-                source = s.source();
-            }
-            out
-        }
-    }
-}
-
-/// A `pglock::Error` with its sources, which carry the server's message.
-pub(crate) fn describe_lock_error(e: &pglock::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        match s.downcast_ref::<pglock::postgres::Error>() {
-            Some(pg) => out += &format!(": {}", describe_pg(pg)),
-            None => out += &format!(": {s}"),
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// A lock name from the command line: not empty (an unset shell variable, most likely).
-/// A NUL cannot reach us through `argv`; the library refuses one anyway.
-pub(crate) fn check_name(name: &str) -> Result<(), Fail> {
-    if name.is_empty() {
-        return Err(Fail::usage(
-            "the lock name is empty (an unset shell variable?); give a non-empty NAME",
-        ));
-    }
-    if name.contains('\0') {
-        return Err(Fail::usage("the lock name contains a NUL character"));
-    }
-    Ok(())
-}
+use crate::args::Command;
+use crate::fail::EX_USAGE;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
@@ -122,10 +36,13 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == exec::SUBCOMMAND) {
         exec::trampoline(&argv[2..]);
     }
-    let cli = match Cli::try_parse_from(&argv) {
+    let cli = match args::parse(&argv) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
+            if let Some(hint) = args::hint(&e, &argv) {
+                eprintln!("{hint}");
+            }
             return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
@@ -134,6 +51,12 @@ fn main() -> ExitCode {
         Command::Key { name, slots } => show::key(&name, slots, &cli.conn),
         Command::Lease(command) => lease::command(&cli.conn, command),
         Command::Status { name, json } => show::status(&cli.conn, name.as_deref(), json),
+        Command::Man { command } => show::man(command.as_deref()),
+        Command::Completions { shell } => {
+            let mut cmd = args::command();
+            clap_complete::generate(shell, &mut cmd, "pglock", &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -143,6 +66,59 @@ fn main() -> ExitCode {
                 eprintln!("Try 'pglock --help' for more information.");
             }
             ExitCode::from(fail.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The modules, bottom-up: each may use only the modules of the layers below it.
+    const LAYERS: &[&[(&str, &str)]] = &[
+        &[
+            ("format", include_str!("format.rs")),
+            ("fail", include_str!("fail.rs")),
+        ],
+        &[
+            ("args", include_str!("args.rs")),
+            ("libpq", include_str!("libpq.rs")),
+        ],
+        &[("tls", include_str!("tls.rs"))],
+        &[
+            ("child", include_str!("child.rs")),
+            ("conn", include_str!("conn.rs")),
+        ],
+        &[
+            ("exec", include_str!("exec.rs")),
+            ("acquire", include_str!("acquire.rs")),
+        ],
+        &[
+            ("lease", include_str!("lease.rs")),
+            ("show", include_str!("show.rs")),
+        ],
+        &[("run", include_str!("run.rs"))],
+    ];
+
+    /// Commands over lock acquisition, child supervision, the connection, formatting and
+    /// failures: no module uses one of its own layer or above, so there is no cycle.
+    #[test]
+    fn modules_depend_one_way() {
+        for (level, layer) in LAYERS.iter().enumerate() {
+            for (name, source) in layer.iter() {
+                assert!(
+                    !source.contains("crate::{"),
+                    "{name}: name each module it uses"
+                );
+                for (above, other) in LAYERS[level..].iter().flat_map(|l| l.iter()).enumerate() {
+                    let used = [":", ";", ",", "}"]
+                        .iter()
+                        .any(|end| source.contains(&format!("crate::{}{end}", other.0)));
+                    assert!(
+                        !used || other.0 == *name && above == 0,
+                        "{name} uses {}, which is not below it",
+                        other.0
+                    );
+                }
+            }
         }
     }
 }
