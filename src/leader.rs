@@ -62,6 +62,8 @@ where
     M: ManageConnection<Connection = Client>,
 {
     pool: Pool<M>,
+    /// The key (or lease name) of the election.
+    key: LockKey,
     backend: Backend,
 }
 
@@ -89,7 +91,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     ///
     /// [`Error::InvalidArgument`] for a name with a NUL character.
     pub fn advisory(pool: &Pool<M>, key: impl Into<LockKey>) -> Result<Self> {
-        Self::advisory_with(pool, key, LockOptions::new())
+        Self::advisory_with_options(pool, key, LockOptions::new())
     }
 
     /// A leader election on a session advisory lock with `options` (its
@@ -99,7 +101,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a shared mode (two leaders), or for invalid options.
-    pub fn advisory_with(
+    pub fn advisory_with_options(
         pool: &Pool<M>,
         key: impl Into<LockKey>,
         options: LockOptions,
@@ -114,6 +116,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
         options.validate(&key)?;
         Ok(Leader {
             pool: pool.clone(),
+            key: key.clone(),
             backend: Backend::Advisory { key, options },
         })
     }
@@ -129,6 +132,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
         LeaseLock::with_options(pool, name, options.clone())?;
         Ok(Leader {
             pool: pool.clone(),
+            key: LockKey::lease(&options.table.to_string(), name),
             backend: Backend::Lease {
                 name: name.to_owned(),
                 options,
@@ -156,7 +160,7 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     pub fn campaign(&self) -> Result<Leadership<M>> {
         // A waiting take returns a leadership or an error, never `None`.
         self.take(Wait::Options)?.ok_or_else(|| Error::Timeout {
-            key: self.key(),
+            key: self.key.clone(),
             waited: Duration::ZERO,
         })
     }
@@ -262,11 +266,8 @@ impl<M: ManageConnection<Connection = Client>> Leader<M> {
     }
 
     /// The key (or lease name) of the election.
-    pub fn key(&self) -> LockKey {
-        match &self.backend {
-            Backend::Advisory { key, .. } => key.clone(),
-            Backend::Lease { name, options } => LockKey::lease(&options.table.to_string(), name),
-        }
+    pub fn key(&self) -> &LockKey {
+        &self.key
     }
 }
 

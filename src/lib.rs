@@ -122,9 +122,35 @@
 //!
 //! # Coordination
 //!
-//! On the same session advisory locks: [`AdvisorySemaphore`], a named semaphore with N
-//! slots (a release wakes waiters through `NOTIFY`), and [`LockSet`], several keys taken
-//! all or nothing in one canonical order, so overlapping sets never deadlock.
+//! On the same session advisory locks, and the same engine: [`AdvisorySemaphore`], a named
+//! semaphore with N slots (a release wakes waiters through `NOTIFY`), and [`LockSet`],
+//! several keys taken all or nothing in one canonical order, so overlapping sets never
+//! deadlock. Both have every call above, owned guards, [`Locker`], and a `SessionLock`'s
+//! handling of failures (pooler detection, retry on a fresh connection, cleanup).
+//!
+//! # One vocabulary
+//!
+//! Every kind of lock says the same things the same way:
+//!
+//! - **lock / unlock**: `try_lock` never blocks, `try_lock_for(d)` waits at most `d`, `lock`
+//!   waits up to the kind's `lock_timeout`, `with_lock(f)` releases on every path,
+//!   `lock_owned` / `try_lock_owned` return a `'static` guard; a guard's `unlock` is the
+//!   same as dropping it, but reports the error.
+//! - **Guard operations**: a guard that derefs to its connection (the advisory guards,
+//!   [`SemaphorePermit`], [`LockSetGuard`] and their owned forms) has its own operations
+//!   as associated functions (`SessionGuard::unlock(guard)`, `SemaphorePermit::slot(&p)`),
+//!   so that they never shadow the connection's methods; the one exception is
+//!   [`TxGuard::transaction`](AdvisoryGuard::transaction), which shadows
+//!   `Client::transaction` on purpose (a savepoint, never a second `BEGIN`). A guard that
+//!   does not deref ([`LeaseGuard`], [`Leadership`]) has methods (`guard.unlock()`).
+//! - **Still held?** `is_held` asks the server (one round trip); `is_valid`, `is_leader`
+//!   and `check` read local state only (a lease's deadline, a leader's watcher).
+//! - **Constructors**: `new(pool, what)`, `with_options(pool, what, options)` and
+//!   `from_connection(conn, what, options)`; a [`Leader`] is made with `advisory`,
+//!   `advisory_with_options` or `lease`. Accessors have no `get_`: `key()`, `mode()`,
+//!   `lock_timeout()`, `permits()`, `keys()`.
+//! - **Limits** are associated constants of the type they bound:
+//!   [`AdvisorySemaphore::MAX_PERMITS`], [`LockSet::MAX_KEYS`].
 //!
 //! # Keys
 //!

@@ -160,7 +160,7 @@ fn a_shared_lock_cannot_elect_a_leader() {
     let pool = pool(1);
     let options = LockOptions::new().mode(LockMode::Shared);
     assert!(matches!(
-        Leader::advisory_with(&pool, unique_key!(), options),
+        Leader::advisory_with_options(&pool, unique_key!(), options),
         Err(Error::InvalidArgument { .. })
     ));
 }

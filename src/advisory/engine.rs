@@ -57,6 +57,16 @@ pub trait Manager: ManageConnection<Connection = Client> {}
 
 impl<M: ManageConnection<Connection = Client>> Manager for M {}
 
+/// What a server wait was, for reading its failure.
+#[derive(Debug, Clone, Copy)]
+struct ServerWaited {
+    limit: Limit,
+    start: Instant,
+    ms: u32,
+    settings: Option<Settings>,
+    end: WaitEnd,
+}
+
 /// The state of one lock, apart from its connection: what every kind has, and the kind's
 /// own state (`raw`).
 #[derive(Debug)]
@@ -307,7 +317,6 @@ impl<S: Raw> Core<S> {
             Limit::For(d) => timeout_ms(&self.spec.key, "timeout", d)?,
             _ => 0,
         };
-        let key = self.spec.key.clone();
         let settings = self.settings;
         let quiet = settings.is_some_and(|s| s.quiet);
         if let Some(cancel) = self.cancel.get() {
@@ -324,6 +333,13 @@ impl<S: Raw> Core<S> {
             self.end_session(conn, "a cancel request was sent to it during the wait");
             return Err(self.cancelled());
         }
+        let wait = ServerWaited {
+            limit,
+            start,
+            ms,
+            settings,
+            end,
+        };
         match result {
             Ok(rows) => {
                 if !quiet {
@@ -331,8 +347,7 @@ impl<S: Raw> Core<S> {
                     let first = rows.first().cloned().unwrap_or_default();
                     self.learn(&first, 0);
                 }
-                let row = last(rows);
-                if S::waited(self, conn, &row)? {
+                if S::waited(self, conn, &last(rows))? {
                     Ok(Outcome::Locked)
                 } else {
                     Ok(Outcome::Busy {
@@ -340,47 +355,67 @@ impl<S: Raw> Core<S> {
                     })
                 }
             }
-            Err(e) => {
-                let failure = self.classify(conn, &e);
-                let error = self.failed_acquire(conn, e);
-                if end == WaitEnd::CancelledQuietly {
-                    // Cancelled, but no request could be sent: the wait ended by itself.
-                    return Err(self.cancelled());
-                }
-                // A wait with no bound set no lock_timeout of its own when the session had
-                // none: a lock_timeout that cut it came behind pglock's back (a
-                // configuration reload), like a statement_timeout below.
-                let stale_lock_timeout =
-                    failure == Failure::LockTimeout && ms == 0 && settings.is_some();
-                if failure == Failure::LockTimeout && !stale_lock_timeout {
-                    return Ok(Outcome::Busy {
-                        waited: start.elapsed(),
-                    });
-                }
-                if end == WaitEnd::Normal
-                    && (stale_lock_timeout || (failure == Failure::Canceled && quiet))
-                {
-                    // A timeout the session got behind pglock's back (a configuration
-                    // reload) cut a wait that did not lift it: what pglock knew of the
-                    // settings is stale. Forget it and wait out the rest, lifted.
-                    debug!("lock {}: the session's timeouts changed; lifting them", key);
-                    self.forget_settings();
-                    let rest = match limit {
-                        Limit::For(bound) => match bound.checked_sub(start.elapsed()) {
-                            Some(rest) if !rest.is_zero() => Limit::For(rest),
-                            _ => {
-                                return Ok(Outcome::Busy {
-                                    waited: start.elapsed(),
-                                })
-                            }
-                        },
-                        other => other,
-                    };
-                    return self.wait_on_server(conn, rest, start);
-                }
-                Err(error)
-            }
+            Err(e) => self.server_wait_failed(conn, e, wait),
         }
+    }
+
+    /// After a server wait failed: cleaned up, and then busy (its bound ran out), the rest
+    /// waited out lifted (a timeout the session got behind pglock's back cut it), or the
+    /// error.
+    fn server_wait_failed<M: Manager>(
+        &mut self,
+        conn: &mut PooledConnection<M>,
+        e: postgres::Error,
+        wait: ServerWaited,
+    ) -> Result<Outcome>
+    where
+        S: ServerWait,
+    {
+        let ServerWaited {
+            limit,
+            start,
+            ms,
+            settings,
+            end,
+        } = wait;
+        let quiet = settings.is_some_and(|s| s.quiet);
+        let failure = self.classify(conn, &e);
+        let error = self.failed_acquire(conn, e);
+        if end == WaitEnd::CancelledQuietly {
+            // Cancelled, but no request could be sent: the wait ended by itself.
+            return Err(self.cancelled());
+        }
+        // A wait with no bound set no lock_timeout of its own when the session had none: a
+        // lock_timeout that cut it came behind pglock's back (a configuration reload), like
+        // a statement_timeout below.
+        let stale_lock_timeout = failure == Failure::LockTimeout && ms == 0 && settings.is_some();
+        let busy = Outcome::Busy {
+            waited: start.elapsed(),
+        };
+        if failure == Failure::LockTimeout && !stale_lock_timeout {
+            return Ok(busy);
+        }
+        if end != WaitEnd::Normal
+            || !(stale_lock_timeout || (failure == Failure::Canceled && quiet))
+        {
+            return Err(error);
+        }
+        // A timeout the session got behind pglock's back (a configuration reload) cut a
+        // wait that did not lift it: what pglock knew of the settings is stale. Forget it
+        // and wait out the rest, lifted.
+        debug!(
+            "lock {}: the session's timeouts changed; lifting them",
+            self.spec.key
+        );
+        self.forget_settings();
+        let rest = match limit {
+            Limit::For(bound) => match bound.checked_sub(start.elapsed()) {
+                Some(rest) if !rest.is_zero() => Limit::For(rest),
+                _ => return Ok(busy),
+            },
+            other => other,
+        };
+        self.wait_on_server(conn, rest, start)
     }
 
     /// Remembers the settings in `row`, from column `at`: `statement_timeout`,

@@ -73,6 +73,31 @@ struct Prepared {
     aborted_open_transaction: bool,
 }
 
+impl Prepared {
+    /// A name for `text`'s statement, unique to this connection, and remembered as its.
+    fn new_name(&mut self, text: &'static str) -> String {
+        if self.prefix.is_empty() {
+            self.prefix = format!("{:x}", wait::seed());
+        }
+        let name = format!("pglock_{}_{}", self.prefix, self.next);
+        self.next += 1;
+        self.names.insert(text, name.clone());
+        name
+    }
+}
+
+/// The parameter types of a prepared session statement, in the order `sql.rs` numbers
+/// its placeholders: the key (`$1`, or `$1, $2` for a pair), the token, and a wait's
+/// `lock_timeout`.
+fn param_types(which: Statement, key: &LockKey) -> &'static str {
+    match (key.as_pair().is_some(), which) {
+        (false, Statement::Wait) => "bigint, text, text",
+        (false, _) => "bigint, text",
+        (true, Statement::Wait) => "integer, integer, text, text",
+        (true, _) => "integer, integer, text",
+    }
+}
+
 /// Takes the flag that says pglock's own failed `EXECUTE` aborted a transaction the
 /// critical section had left open (healthy until then).
 pub(super) fn take_aborted_open_transaction<M: Manager>(conn: &mut PooledConnection<M>) -> bool {
@@ -109,22 +134,12 @@ pub(super) fn run_prepared<M: Manager>(
         _ if prepared.vanished >= 2 => (unprepared(), false),
         Some(name) => (execute.replace("{}", name), false),
         None => {
-            if prepared.prefix.is_empty() {
-                prepared.prefix = format!("{:x}", wait::seed());
-            }
-            let name = format!("pglock_{}_{}", prepared.prefix, prepared.next);
-            prepared.next += 1;
-            let types = match (key.as_pair().is_some(), which) {
-                (false, Statement::Wait) => "bigint, text, text",
-                (false, _) => "bigint, text",
-                (true, Statement::Wait) => "integer, integer, text, text",
-                (true, _) => "integer, integer, text",
-            };
+            let name = prepared.new_name(text);
+            let types = param_types(which, key);
             let sql = format!(
                 "PREPARE {name}({types}) AS {text}; {}",
                 execute.replace("{}", &name)
             );
-            prepared.names.insert(text, name);
             (sql, true)
         }
     };
@@ -199,5 +214,28 @@ mod tests {
         let plain = prepared_text(Statement::WaitPlain, LockMode::Exclusive, &LockKey::new(1));
         assert!(!plain.contains("lock_timeout"), "{plain}");
         assert!(plain.contains("pg_advisory_lock($1)"), "{plain}");
+    }
+
+    #[test]
+    fn parameter_types_follow_the_placeholders_sql_rs_numbers() {
+        for (which, key, types) in [
+            (Statement::Wait, LockKey::new(1), "bigint, text, text"),
+            (Statement::Try, LockKey::new(1), "bigint, text"),
+            (
+                Statement::Wait,
+                LockKey::pair(1, 2),
+                "integer, integer, text, text",
+            ),
+            (
+                Statement::UnlockLearning,
+                LockKey::pair(1, 2),
+                "integer, integer, text",
+            ),
+        ] {
+            let text = prepared_text(which, LockMode::Exclusive, &key);
+            let placeholders = (1..=4).filter(|n| text.contains(&format!("${n}"))).count();
+            assert_eq!(placeholders, types.split(", ").count(), "{text}");
+            assert_eq!(param_types(which, &key), types);
+        }
     }
 }
