@@ -1,4 +1,4 @@
-//! The README's examples are `examples/readme.rs` and `examples/lease.rs`, which CI compiles
+//! The README's example is `examples/readme.rs`, which CI compiles
 //! and runs: this keeps them the same, so the example a newcomer pastes is one that works.
 
 /// Asserts that the README's `nth` Rust example is `example`'s program.
@@ -27,9 +27,4 @@ fn assert_readme_example(nth: usize, example: &str) {
 #[test]
 fn the_readme_example_is_the_program_ci_runs() {
     assert_readme_example(0, include_str!("../examples/readme.rs"));
-}
-
-#[test]
-fn the_readme_lease_example_is_the_program_ci_runs() {
-    assert_readme_example(1, include_str!("../examples/lease.rs"));
 }
